@@ -1,0 +1,120 @@
+"""The optimize pipeline: load -> normalize -> rules to a fixpoint -> verify (bisect and roll
+back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cli` for files."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
+
+import onnx
+
+from .errors import VerificationError
+from .graph import RepGraph
+from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, validate
+from .passes import Context, PassResult, RewriteKey, run_to_fixpoint
+from .report import Report
+from .rules import select_rules
+from .stats import model_stats
+from .verify import Verifier
+
+
+def optimize(
+    model: Union[str, onnx.ModelProto],
+    *,
+    input_shapes: Optional[Dict[str, Sequence[int]]] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    only: Optional[Iterable[str]] = None,
+    skip: Optional[Iterable[str]] = None,
+    verify: bool = True,
+    verify_draws: int = 3,
+    seed: int = 0,
+    allow_growth: bool = False,
+    rollback: bool = True,
+) -> Tuple[onnx.ModelProto, Report]:
+    """Re-parameterize a training-structure model into its deploy structure.
+
+    Args:
+        model: path to an .onnx file or a loaded ModelProto (never modified).
+        input_shapes: concrete shapes for inputs with dynamic dims (a dynamic batch axis
+            defaults to 1; other dynamic dims must be given).
+        rtol, atol: verification tolerance (defaults: fp32 1e-4 / 1e-5, fp16 1e-2 / 1e-3).
+        only, skip: rule names to restrict to / leave out (see ``onnxrep.rules.DEFAULT_RULES``).
+        verify: compare with the original in onnxruntime; False returns an unverified model.
+        verify_draws: number of random input draws compared.
+        allow_growth: allow rewrites that make a kernel window larger than any branch's.
+        rollback: on a verification failure, find the rewrite responsible, drop it and keep the
+            rest; False raises at the first failure.
+
+    Returns:
+        (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
+        no verified result can be produced.
+    """
+    t0 = time.perf_counter()
+    if isinstance(model, str):
+        label, original = model, load_model(model)
+    else:
+        label, original = "<model>", model
+    validate(original, label)
+    rules = select_rules(only, skip)
+    shapes = resolve_input_shapes(original, input_shapes, label)
+    report = Report(input=label, input_shapes=shapes)
+    report.timings["load"] = time.perf_counter() - t0
+
+    def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
+        graph = import_graph(original)
+        normalize(graph)
+        result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=allow_growth), rules, deny, limit)
+        return export(graph, original), result
+
+    t1 = time.perf_counter()
+    candidate, result = build(frozenset())
+    report.timings["optimize"] = time.perf_counter() - t1
+
+    if verify:
+        t2 = time.perf_counter()
+        verifier = Verifier(original, shapes, label, rtol=rtol, atol=atol, draws=verify_draws, seed=seed)
+        check = verifier.check(candidate)
+        deny: FrozenSet[RewriteKey] = frozenset()
+        while not check.ok:
+            if not result.rewrites:
+                raise VerificationError(f"{label}: {check.describe()}")
+            bad = _bisect(build, verifier, deny, len(result.rewrites), label)
+            if not rollback:
+                raise VerificationError(
+                    f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
+                )
+            report.rolled_back.append(bad)
+            deny = deny | {bad.key}
+            candidate, result = build(deny)
+            check = verifier.check(candidate)
+        report.verification = check
+        report.timings["verify"] = time.perf_counter() - t2
+    else:
+        report.warnings.append("verification skipped (--no-verify): the result was NOT checked against the original")
+
+    report.rewrites = result.rewrites
+    report.declines = result.declines
+    report.before = model_stats(original, shapes)
+    report.after = model_stats(candidate, shapes)
+    if report.after.flops > report.before.flops and not allow_growth:
+        report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
+    report.timings["total"] = time.perf_counter() - t0
+    return candidate, report
+
+
+def _bisect(build, verifier: Verifier, deny, n: int, label: str):
+    """The first rewrite whose prefix fails verification (prefix 0 must pass)."""
+    model, _ = build(deny, 0)
+    if not verifier.check(model).ok:
+        raise VerificationError(f"{label}: the model differs from the original already after normalization")
+    lo, hi = 0, n  # prefix lo passes, prefix hi fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        model, _ = build(deny, mid)
+        if verifier.check(model).ok:
+            lo = mid
+        else:
+            hi = mid
+    _, result = build(deny, hi)
+    return result.rewrites[hi - 1]

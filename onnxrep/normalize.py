@@ -1,0 +1,236 @@
+"""Loading, validation and normalization before the rules run.
+
+Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.9):
+
+* shape inference, so rules can compare shapes and channel counts;
+* ``CastLike(constant, x)`` becomes ``Cast(constant, to=dtype(x))``: ``dynamo=True,
+  optimize=False`` builds each conv's zero bias as ``Expand(CastLike(0, x), Shape(W))``, which
+  only depends on x through its dtype;
+* constant folding (onnx-graphsurgeon evaluating with onnxruntime, no size limit), which turns
+  those chains, Shape/Expand chains under static shapes and kernels computed from parameters
+  (OREPA) into initializers;
+* removal of Identity nodes that are not needed to keep a graph input or output name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, shape_inference
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from .errors import OnnxrepError
+
+G_LOGGER.severity = G_LOGGER.ERROR
+
+#: Highest default-domain opset onnxrep accepts (what the installed onnx knows).
+MAX_OPSET = onnx.defs.onnx_opset_version()
+MIN_OPSET = 7
+
+log = logging.getLogger("onnxrep")
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Read an ONNX file (external data included), with a one-line error for anything else."""
+    if not os.path.exists(path):
+        raise OnnxrepError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise OnnxrepError(f"{path}: is a directory, not an ONNX file")
+    if os.path.getsize(path) == 0:
+        raise OnnxrepError(f"{path}: empty file")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf raises several types for garbage input
+        raise OnnxrepError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise OnnxrepError(f"{path}: not an ONNX model (no graph)")
+    return model
+
+
+def validate(model: onnx.ModelProto, label: str) -> None:
+    """Reject models onnxrep cannot handle faithfully, naming the file and node."""
+    opset = default_opset(model)
+    if opset is None:
+        raise OnnxrepError(f"{label}: model imports no default-domain opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OnnxrepError(f"{label}: opset {opset} is not supported (supported: {MIN_OPSET}..{MAX_OPSET})")
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "training_mode" and attr.i != 0:
+                    raise OnnxrepError(
+                        f"{label}: node '{node.name}': BatchNormalization has training_mode=1; "
+                        "export the model in eval() mode"
+                    )
+
+
+def default_opset(model: onnx.ModelProto) -> Optional[int]:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # keep going without intermediate shapes
+        log.debug("shape inference failed: %s", exc)
+        inferred = model
+    graph = gs.import_onnx(inferred)
+    used = {n.name for n in graph.nodes if n.name}
+    counter = 0
+    for node in graph.nodes:
+        if not node.name:
+            while f"{node.op}_{counter}" in used:
+                counter += 1
+            node.name = f"{node.op}_{counter}"
+            used.add(node.name)
+    return graph
+
+
+def normalize(graph: gs.Graph) -> None:
+    """Bring the graph to the canonical form the rules expect (see module docstring)."""
+    for _ in range(3):
+        before = len(graph.nodes)
+        _castlike_to_cast(graph)
+        graph.toposort()
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        _remove_identities(graph)
+        if len(graph.nodes) == before:
+            break
+    graph.toposort()
+
+
+def _castlike_to_cast(graph: gs.Graph) -> None:
+    for node in graph.nodes:
+        if node.op != "CastLike" or len(node.inputs) != 2:
+            continue
+        src, like = node.inputs
+        if not isinstance(src, gs.Constant) or like.dtype is None:
+            continue
+        dtype = like.dtype
+        try:
+            to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        except Exception:
+            continue
+        node.op = "Cast"
+        node.attrs = {"to": int(to)}
+        node.inputs.pop()  # drop `like`: only its dtype mattered
+
+
+def _remove_identities(graph: gs.Graph) -> None:
+    outputs = {t.name for t in graph.outputs}
+    inputs = {t.name for t in graph.inputs}
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not node.outputs:
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        if dst.name not in outputs:
+            for consumer in list(dst.outputs):
+                _replace_input(consumer, dst, src)
+            node.outputs.clear()
+            node.inputs.clear()
+        elif (
+            src.inputs
+            and src.name not in outputs
+            and src.name not in inputs
+            and len(src.outputs) == 1
+            and not isinstance(src, gs.Constant)
+        ):
+            # Let src's producer write the output name directly.
+            prod = src.inputs[0]
+            node.outputs.clear()
+            node.inputs.clear()
+            prod.outputs[prod.outputs.index(src)] = dst
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _replace_input(node: gs.Node, old, new) -> None:
+    for i, t in enumerate(node.inputs):
+        if t is old:
+            node.inputs[i] = new
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Back to a ModelProto with the original's opsets, IR version and metadata."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(original, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    model.graph.doc_string = original.graph.doc_string
+    model.graph.name = original.graph.name
+    del model.functions[:]
+    model.functions.extend(original.functions)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def graph_input_names(model: onnx.ModelProto) -> List[str]:
+    init = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in init]
+
+
+def resolve_input_shapes(
+    model: onnx.ModelProto, overrides: Optional[Dict[str, Sequence[int]]], label: str
+) -> Dict[str, List[int]]:
+    """Concrete shapes for every graph input.
+
+    Static dims are kept; ``overrides`` (from ``--input-shape``) win; a dynamic batch axis
+    (axis 0) defaults to 1. Any other dynamic dim without an override is an error.
+    """
+    overrides = dict(overrides or {})
+    init = {i.name for i in model.graph.initializer}
+    shapes: Dict[str, List[int]] = {}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        if not inp.type.HasField("tensor_type"):
+            raise OnnxrepError(f"{label}: input '{inp.name}' is not a tensor; onnxrep handles tensor inputs only")
+        dims = list(inp.type.tensor_type.shape.dim)
+        if inp.name in overrides:
+            shape = [int(d) for d in overrides.pop(inp.name)]
+            if inp.type.tensor_type.HasField("shape"):
+                if len(shape) != len(dims):
+                    raise OnnxrepError(f"{label}: --input-shape {inp.name} has rank {len(shape)}, model says {len(dims)}")
+                for axis, (d, v) in enumerate(zip(dims, shape)):
+                    if d.HasField("dim_value") and d.dim_value != v:
+                        raise OnnxrepError(
+                            f"{label}: --input-shape {inp.name} axis {axis} is {v}, model fixes it to {d.dim_value}"
+                        )
+            shapes[inp.name] = shape
+            continue
+        if not inp.type.tensor_type.HasField("shape"):
+            raise OnnxrepError(f"{label}: input '{inp.name}' has no shape; pass --input-shape {inp.name}=...")
+        shape = []
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(int(d.dim_value))
+            elif axis == 0:
+                shape.append(1)
+            else:
+                name = d.dim_param or "?"
+                raise OnnxrepError(
+                    f"{label}: input '{inp.name}' has dynamic dim '{name}' at axis {axis}; "
+                    f"pass --input-shape {inp.name}=" + ",".join(str(x.dim_value or 1) for x in dims)
+                )
+        shapes[inp.name] = shape
+    if overrides:
+        raise OnnxrepError(f"{label}: --input-shape names unknown input(s): {', '.join(overrides)}")
+    return shapes

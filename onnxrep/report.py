@@ -1,0 +1,92 @@
+"""What a run did: statistics before and after, every rewrite, declines, verification, timings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from .passes import Decline, Rewrite
+from .stats import ModelStats
+from .verify import VerifyResult
+
+
+@dataclass
+class Report:
+    input: str
+    before: Optional[ModelStats] = None
+    after: Optional[ModelStats] = None
+    rewrites: List[Rewrite] = field(default_factory=list)
+    declines: List[Decline] = field(default_factory=list)
+    rolled_back: List[Rewrite] = field(default_factory=list)
+    verification: Optional[VerifyResult] = None
+    input_shapes: Dict[str, List[int]] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    output: Optional[str] = None
+
+    def rules_applied(self) -> Dict[str, int]:
+        return dict(Counter(r.rule for r in self.rewrites))
+
+    def to_dict(self) -> dict:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "input_shapes": self.input_shapes,
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+            "rules_applied": self.rules_applied(),
+            "rewrites": [asdict(r) for r in self.rewrites],
+            "declines": [asdict(d) for d in self.declines],
+            "rolled_back": [asdict(r) for r in self.rolled_back],
+            "verification": _verification_dict(self.verification),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+    def summary(self, verbose: bool = False) -> str:
+        lines = [f"onnxrep: {self.input} -> {self.output or '(not written)'}"]
+        b, a = self.before, self.after
+        if b and a:
+            lines.append(
+                f"  nodes {b.nodes} -> {a.nodes} | Conv {b.convs} -> {a.convs} | "
+                f"params {_si(b.params)} -> {_si(a.params)} | FLOPs {_si(b.flops)} -> {_si(a.flops)}"
+            )
+        applied = self.rules_applied()
+        lines.append("  rewrites: " + (", ".join(f"{k} x{v}" for k, v in applied.items()) if applied else "none"))
+        for r in self.rolled_back:
+            lines.append(f"  rolled back: {r.rule} at '{r.anchor}' (failed verification; the rest was kept)")
+        if self.verification is not None:
+            lines.append("  " + self.verification.describe())
+        else:
+            lines.append("  NOT VERIFIED (--no-verify)")
+        if self.timings:
+            lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if verbose:
+            for r in self.rewrites:
+                lines.append(f"  + {r.rule} at '{r.anchor}': {r.detail} [{len(r.replaced)} nodes -> {len(r.created)}]")
+            for d in self.declines:
+                lines.append(f"  - {d.rule} declined at '{d.node}': {d.reason}")
+        return "\n".join(lines)
+
+
+def _verification_dict(v: Optional[VerifyResult]):
+    if v is None:
+        return None
+    return {
+        "ok": v.ok,
+        "rtol": v.rtol,
+        "atol": v.atol,
+        "draws": v.draws,
+        "max_abs_error": v.max_abs_error,
+        "outputs": [asdict(o) for o in v.outputs],
+    }
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))

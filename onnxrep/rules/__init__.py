@@ -1,0 +1,35 @@
+"""The rewrite rules, one per module, and the default order they run in.
+
+Each module's docstring states the pattern before and after and the formula it rests on.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+from ..errors import UsageError
+from ..passes import Rule
+from .affine_conv import FoldAffineIntoConv
+from .conv_bn import FoldBnIntoConv
+from .pad_conv import FoldPadIntoConv
+from .parallel_add import MergeParallelAdd
+
+#: Rules run by default, in this order within each pass (an explicit tuple: no registration
+#: by import side effects).
+DEFAULT_RULES: Tuple[Rule, ...] = (
+    FoldPadIntoConv(),
+    FoldBnIntoConv(),
+    FoldAffineIntoConv(),
+    MergeParallelAdd(),
+)
+
+RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}
+
+
+def select_rules(only: Optional[Iterable[str]] = None, skip: Optional[Iterable[str]] = None) -> Tuple[Rule, ...]:
+    """The default rules filtered by ``only`` / ``skip`` names; unknown names are an error."""
+    only, skip = list(only or ()), list(skip or ())
+    for name in only + skip:
+        if name not in RULES_BY_NAME:
+            raise UsageError(f"unknown rule '{name}' (known: {', '.join(RULES_BY_NAME)})")
+    return tuple(r for r in DEFAULT_RULES if (not only or r.name in only) and r.name not in skip)

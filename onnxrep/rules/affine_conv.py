@@ -1,0 +1,61 @@
+"""fold_affine_into_conv: per-channel Mul/Div/Add/Sub by a constant after a Conv.
+
+Before:  x -> Conv(W, b) -> Mul(s) / Add(t) / Sub(t) / Div(s) -> y      (s, t: [1,C,1,1] or scalar)
+After:   x -> Conv(W', b') -> y
+
+y = conv(x) * s + t  gives  W' = W * s[:, None, None, None],  b' = b * s + t  (DESIGN 3.2).
+OREPA / MobileOne scaling layers export like this. A constant that varies over H or W, lines up
+with the width axis, or divides the constant by the activation is not per-channel affine and the
+rule declines by not matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import producer
+from ..kernels import affine_after_conv
+from ..passes import Context, Rewrite, Rule
+
+
+@dataclass
+class AffineMatch:
+    node: object
+    conv: object
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+class FoldAffineIntoConv(Rule):
+    name = "fold_affine_into_conv"
+    ops = ("Mul", "Div", "Add", "Sub")
+    summary = "per-channel constant Mul/Div/Add/Sub after Conv -> Conv weights and bias"
+
+    def match(self, ctx: Context, node):
+        g = ctx.graph
+        affine = g.read_channel_affine(node)
+        if affine is None:
+            return None
+        x, scale, shift = affine
+        conv = producer(x)
+        if conv is None or conv.op != "Conv":
+            return None
+        reason = g.escapes([conv, node], keep=node.outputs)
+        if reason:
+            return f"Conv '{conv.name}' output escapes: {reason}"
+        p = g.read_conv(conv)
+        if isinstance(p, str):
+            return p
+        if p.out_channels != len(scale):
+            return f"'{node.name}' constant does not match Conv '{conv.name}' channels"
+        return AffineMatch(node, conv, scale, shift)
+
+    def rewrite(self, ctx: Context, m: AffineMatch) -> Rewrite:
+        g = ctx.graph
+        p = affine_after_conv(g.read_conv(m.conv), m.scale, m.shift)
+        dtype = m.conv.inputs[1].values.dtype
+        new = g.write_conv(m.conv.name, p, m.conv.inputs[0], m.node.outputs[0], dtype)
+        g.remove([m.conv, m.node])
+        return Rewrite(self.name, m.node.name, (m.conv.name, m.node.name), (new.name,), f"Conv + {m.node.op}")
