@@ -1,0 +1,45 @@
+"""Every shipped fixture, in every exporter dialect, ends in its deploy structure, verified.
+
+For each model in models/manifest.json: exactly the expected number of Convs (one per block),
+no BatchNormalization, no Add left, and outputs equal to the original within the default
+tolerance on inputs independent of onnxrep's own verification draws.
+"""
+
+import json
+import os
+
+import onnx
+import pytest
+
+import onnxrep
+from helpers import assert_same_outputs, ops
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+with open(os.path.join(MODELS, "manifest.json")) as f:
+    MANIFEST = json.load(f)
+CORE = [e for e in MANIFEST if e.get("tier", 1) == 1]
+
+
+def test_manifest_covers_every_core_family_in_three_dialects():
+    families = {e["family"] for e in CORE}
+    assert {"repvgg", "acnet", "mobileone", "orepa_scale"} <= families
+    for family in families:
+        assert sorted(e["exporter"] for e in CORE if e["family"] == family) == ["dynamo", "dynamo_noopt", "ts"]
+
+
+@pytest.mark.parametrize("entry", CORE, ids=[e["file"] for e in CORE])
+def test_core_fixture_reparameterizes(entry):
+    path = os.path.join(MODELS, entry["file"])
+    original = onnx.load(path)
+    out, report = onnxrep.optimize(path)
+    counts = ops(out)
+    assert counts["Conv"] == entry["expected_conv"] == entry["blocks"]
+    assert counts["BatchNormalization"] == 0
+    assert counts["Add"] == 0
+    assert report.verification.ok and report.verification.max_abs_error < 1e-5
+    assert report.after.flops < report.before.flops
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
+    assert out.opset_import == original.opset_import
+    assert_same_outputs(original, out, batch=2 if entry.get("dynamic_batch") else 1)
