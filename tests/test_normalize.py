@@ -1,0 +1,74 @@
+"""Normalization: exporter artifacts and constant subgraphs disappear before the rules run."""
+
+import numpy as np
+import onnx
+from onnx import helper
+
+import onnxrep
+from helpers import GraphBuilder, assert_same_outputs, ops
+from onnxrep.normalize import import_graph, normalize
+
+
+def _normalized_ops(model):
+    graph = import_graph(model)
+    normalize(graph)
+    return {n.op: sum(1 for m in graph.nodes if m.op == n.op) for n in graph.nodes}
+
+
+def test_dynamo_noopt_zero_bias_chain_folds_to_a_constant():
+    b = GraphBuilder([1, 4, 6, 6])
+    w = b.const(b.rand(5, 4, 3, 3))
+    zero = b.node("CastLike", [b.const(np.array(0.0, np.float32)), b.x])
+    shape = b.node("Shape", [w], start=0, end=1)
+    bias = b.node("Expand", [zero, shape])
+    y = b.node("Conv", [b.x, w, bias], pads=[1, 1, 1, 1])
+    model = b.build(y, opset=18)
+    assert _normalized_ops(model) == {"Conv": 1}
+
+
+def test_kernel_computed_from_parameters_is_folded():
+    # OREPA-style: W = w0 * a + Pad(w1x1) + einsum(A, B), computed in the graph
+    b = GraphBuilder([1, 3, 6, 6])
+    w0 = b.node("Mul", [b.const(b.rand(4, 3, 3, 3)), b.const(np.float32(0.7))])
+    w1 = b.node("Pad", [b.const(b.rand(4, 3, 1, 1)), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+    w2 = b.node("Einsum", [b.const(b.rand(4, 2)), b.const(b.rand(2, 3, 3, 3))], equation="om,mihw->oihw")
+    w = b.node("Add", [b.node("Add", [w0, w1]), w2])
+    y = b.node("Conv", [b.x, w], pads=[1, 1, 1, 1])
+    model = b.build(y)
+    assert _normalized_ops(model) == {"Conv": 1}
+    out, report = onnxrep.optimize(model)
+    assert ops(out) == {"Conv": 1}
+    assert_same_outputs(model, out)
+
+
+def test_identity_chains_are_removed_but_output_names_kept():
+    b = GraphBuilder([1, 4, 6, 6])
+    c = b.node("Identity", [b.node("Identity", [b.conv(b.x, 4, 4)])])
+    y = b.node("Identity", [b.node("Relu", [c])])
+    model = b.build(y)
+    out, _ = onnxrep.optimize(model)
+    assert ops(out) == {"Conv": 1, "Relu": 1}
+    assert out.graph.output[0].name == model.graph.output[0].name
+    assert_same_outputs(model, out)
+
+
+def test_identity_from_input_to_output_is_kept():
+    b = GraphBuilder([1, 4, 6, 6])
+    model = b.build(b.node("Identity", [b.x]))
+    out, _ = onnxrep.optimize(model)
+    assert ops(out) == {"Identity": 1}
+
+
+def test_metadata_and_doc_strings_are_preserved():
+    b = GraphBuilder([1, 4, 6, 6])
+    model = b.build(b.add(b.conv(b.x, 4, 4, k=3), b.conv(b.x, 4, 4, k=1)))
+    model.doc_string = "model doc"
+    model.graph.doc_string = "graph doc"
+    model.producer_name = "pytorch"
+    helper.set_model_props(model, {"author": "someone"})
+    out, _ = onnxrep.optimize(model)
+    assert ops(out) == {"Conv": 1}
+    assert out.doc_string == "model doc" and out.graph.doc_string == "graph doc"
+    assert out.producer_name == "pytorch"
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "someone"}
+    assert out.ir_version == model.ir_version
