@@ -24,9 +24,16 @@ from .rules import DEFAULT_RULES
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error convention (argparse prints usage first by default)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"onnxrep: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     rules = "\n".join(f"  {r.name:24s} {r.summary}" for r in DEFAULT_RULES)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="onnxrep",
         description="Re-parameterize a training-structure ONNX model into its deploy structure, "
         "verified against the original with onnxruntime.",
@@ -57,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_shapes(items: List[str]) -> Dict[str, List[int]]:
+def parse_shapes(items: List[str], label: str = "") -> Dict[str, List[int]]:
+    prefix = f"{label}: " if label else ""
     shapes: Dict[str, List[int]] = {}
     for item in items:
         name, sep, dims = item.rpartition("=")
@@ -66,7 +74,7 @@ def parse_shapes(items: List[str]) -> Dict[str, List[int]]:
         except ValueError:
             values = []
         if not sep or not name or not values or min(values) <= 0:
-            raise UsageError(f"--input-shape {item!r}: expected NAME=D0,D1,... with positive integers")
+            raise UsageError(f"{prefix}--input-shape {item!r}: expected NAME=D0,D1,... with positive integers")
         shapes[name] = values
     return shapes
 
@@ -76,15 +84,41 @@ def default_output(path: str) -> str:
     return root + ".rep.onnx"
 
 
-def _check_output(args, output: str) -> None:
-    if os.path.exists(args.input) and os.path.exists(output) and os.path.samefile(args.input, output):
-        if not args.in_place:
-            raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
-    folder = os.path.dirname(os.path.abspath(output))
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"{output}: folder {folder} does not exist")
-    if os.path.isdir(output):
-        raise UsageError(f"{output}: is a directory")
+        raise UsageError(f"{path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory")
+
+
+def _check_paths(args, output: str) -> None:
+    """Refuse bad output paths before any work, so that an error never leaves a file behind."""
+    if not os.path.exists(args.input):
+        return  # loading reports the missing input (not its default output's missing folder)
+    if not args.dry_run:
+        if _same_file(args.input, output) and not args.in_place:
+            raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
+        _check_writable(output)
+    if args.report:
+        if _same_file(args.input, args.report):
+            raise UsageError(f"{args.report}: --report would overwrite the input model")
+        if not args.dry_run and os.path.abspath(args.report) == os.path.abspath(output):
+            raise UsageError(f"{args.report}: --report would overwrite the output model")
+        _check_writable(args.report)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a plain open(path, "w") would give: the existing file's, else 0666 minus umask."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(data_writer, path: str) -> None:
@@ -94,6 +128,7 @@ def atomic_write(data_writer, path: str) -> None:
     os.close(fd)
     try:
         data_writer(tmp)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give the usual mode instead
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -101,13 +136,17 @@ def atomic_write(data_writer, path: str) -> None:
         raise
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     output = args.output or default_output(args.input)
     try:
-        shapes = parse_shapes(args.input_shape)
-        if not args.dry_run:
-            _check_output(args, output)
+        shapes = parse_shapes(args.input_shape, args.input)
+        _check_paths(args, output)
         model, report = optimize(
             args.input,
             input_shapes=shapes,
@@ -128,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             report.output = output
         if args.report:
             text = json.dumps(report.to_dict(), indent=2)
-            atomic_write(lambda tmp: open(tmp, "w").write(text), args.report)
+            atomic_write(lambda tmp: _write_text(tmp, text), args.report)
         if not args.quiet:
             print(report.summary(verbose=args.verbose))
         return EXIT_OK

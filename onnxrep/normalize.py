@@ -226,9 +226,13 @@ def resolve_input_shapes(
                 shape.append(1)
             else:
                 name = d.dim_param or "?"
+                template = ",".join(
+                    str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "1" if i == 0 else x.dim_param or "?"
+                    for i, x in enumerate(dims)
+                )
                 raise OnnxrepError(
                     f"{label}: input '{inp.name}' has dynamic dim '{name}' at axis {axis}; "
-                    f"pass --input-shape {inp.name}=" + ",".join(str(x.dim_value or 1) for x in dims)
+                    f"pass --input-shape {inp.name}={template} with concrete sizes for the named dims"
                 )
         shapes[inp.name] = shape
     if overrides:
