@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .kernels import ConvParams, bn_affine
+from .kernels import ConvParams, Decline, avgpool_conv, bn_affine
 
 Tensor = Union[gs.Variable, gs.Constant]
 
@@ -198,6 +198,33 @@ class RepGraph:
             dilations=dilations,
             group=int(attrs.get("group", 1)),
         )
+
+    def read_linear(self, node: gs.Node) -> Union[ConvParams, str]:
+        """A Conv, or an AveragePool as the depthwise conv it equals (DESIGN 3.7), or a reason."""
+        if node.op == "Conv":
+            return self.read_conv(node)
+        if node.op != "AveragePool":
+            return f"'{node.name}' is {node.op}, not a linear op"
+        attrs = node.attrs
+        kernel = _ints(attrs, "kernel_shape", ())
+        channels = channels_of(node.inputs[0])
+        if len(kernel) != 2 or channels is None:
+            return f"AveragePool '{node.name}' is not a 2-D pool over a known channel count"
+        if int(attrs.get("ceil_mode", 0)):
+            return f"AveragePool '{node.name}' uses ceil_mode=1"
+        if any(d != 1 for d in _ints(attrs, "dilations", (1, 1))):
+            return f"AveragePool '{node.name}' is dilated"
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad not in ("NOTSET", "VALID"):
+            return f"AveragePool '{node.name}' uses auto_pad={auto_pad}"
+        pads = (0, 0, 0, 0) if auto_pad == "VALID" else _ints(attrs, "pads", (0, 0, 0, 0))
+        try:
+            return avgpool_conv(channels, kernel, _ints(attrs, "strides", (1, 1)), pads,
+                                bool(int(attrs.get("count_include_pad", 0))))
+        except Decline as exc:
+            return f"AveragePool '{node.name}': {exc}"
 
     def write_conv(self, base: str, params: ConvParams, x: Tensor, y: Tensor, dtype) -> gs.Node:
         """A new Conv node computing ``y`` from ``x`` with ``params`` (values cast to ``dtype``)."""

@@ -15,7 +15,7 @@ Conventions (those of ONNX ``Conv``):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -150,19 +150,19 @@ def dense_kernel(weight, dilations: Sequence[int]) -> np.ndarray:
     return out
 
 
-def merge_parallel(
+def common_window(
     branches: Sequence[ConvParams],
     allow_growth: bool = False,
     input_hw: Optional[Tuple[int, int]] = None,
-) -> ConvParams:
-    """Sum of convolutions of one input tensor as one convolution.
+) -> Tuple[ConvParams, List[Tuple[int, int]]]:
+    """The geometry of one conv covering every branch's input window, and each branch's offset.
 
-    Each branch is placed in the union of all branches' input windows: branch b reads rows
-    starting at -pad_top_b, so the union starts at -max(pad_top) and every kernel sits at offset
-    max(pad_top) - pad_top_b. The end pads are chosen so the output size equals the first
-    branch's for every input size. Raises Decline when strides or groups differ, when that
-    needs a negative pad, or (unless ``allow_growth``) when the union window is larger than the
-    largest branch's kernel.
+    Branch b reads rows starting at -pad_top_b, so the union starts at -max(pad_top) and the
+    kernel of b sits at offset max(pad_top) - pad_top_b. The end pads are chosen so the output
+    size equals the first branch's for every input size. Returns a zero-weight ConvParams with
+    the fused geometry (dilation 1; weight shape [Cout of the first branch, Cin/g, kh, kw]).
+    Declines when strides or groups differ, when that needs a negative pad, or (unless
+    ``allow_growth``) when the union window is larger than the largest branch's window.
     """
     if len(branches) < 2:
         raise Decline("fewer than two branches")
@@ -172,10 +172,8 @@ def merge_parallel(
             raise Decline(f"different strides {first.strides} vs {p.strides}")
         if p.group != first.group:
             raise Decline(f"different groups {first.group} vs {p.group}")
-        if p.weight.shape[:2] != first.weight.shape[:2]:
-            raise Decline(
-                f"different channel shapes {tuple(first.weight.shape[:2])} vs {tuple(p.weight.shape[:2])}"
-            )
+        if p.weight.shape[1] != first.weight.shape[1]:
+            raise Decline(f"different input channels per group {first.weight.shape[1]} vs {p.weight.shape[1]}")
     ext = [p.extent for p in branches]
     top = max(p.pads[0] for p in branches)
     left = max(p.pads[1] for p in branches)
@@ -206,13 +204,59 @@ def merge_parallel(
                 raise Decline(f"branch outputs differ in size: {want} vs {p.output_size(*input_hw)}")
         if fused.output_size(*input_hw) != want:
             raise Decline("fused conv would change the output size")
-    w = fused.weight
-    b = fused.bias
-    for p, (eh, ew) in zip(branches, ext):
-        oy, ox = top - p.pads[0], left - p.pads[1]
-        w[:, :, oy : oy + eh, ox : ox + ew] += dense_kernel(np.asarray(p.weight, np.float64), p.dilations)
-        b += np.asarray(p.bias, dtype=np.float64)
-    return fused
+    offsets = [(top - p.pads[0], left - p.pads[1]) for p in branches]
+    return fused, offsets
+
+
+def _placed(p: ConvParams, window: ConvParams, offset: Tuple[int, int]) -> np.ndarray:
+    """Branch p's kernel (dense) placed at ``offset`` in a zero kernel of ``window``'s size."""
+    w = np.zeros(p.weight.shape[:2] + window.kernel_shape)
+    (eh, ew), (oy, ox) = p.extent, offset
+    w[:, :, oy : oy + eh, ox : ox + ew] = dense_kernel(np.asarray(p.weight, np.float64), p.dilations)
+    return w
+
+
+def merge_parallel(
+    branches: Sequence[ConvParams],
+    allow_growth: bool = False,
+    input_hw: Optional[Tuple[int, int]] = None,
+) -> ConvParams:
+    """Sum of convolutions of one input tensor as one convolution (DESIGN 3.4).
+
+    Kernels are placed in the union window (:func:`common_window`) and summed; biases add.
+    """
+    for p in branches[1:]:
+        if p.weight.shape[0] != branches[0].weight.shape[0]:
+            raise Decline(f"different output channels {branches[0].weight.shape[0]} vs {p.weight.shape[0]}")
+    window, offsets = common_window(branches, allow_growth, input_hw)
+    w = sum(_placed(p, window, off) for p, off in zip(branches, offsets))
+    b = sum(np.asarray(p.bias, np.float64) for p in branches)
+    return replace(window, weight=w, bias=b)
+
+
+def concat_parallel(
+    branches: Sequence[ConvParams],
+    allow_growth: bool = False,
+    input_hw: Optional[Tuple[int, int]] = None,
+) -> ConvParams:
+    """Concat(axis=1) of convolutions of one input as one convolution (DESIGN 3.5).
+
+    Kernels are placed in the union window and concatenated along Cout. Grouped branches are
+    composed on their dense form and regrouped. Unless ``allow_growth``, every branch must
+    already read the whole union window: padding a smaller kernel with zero taps costs FLOPs.
+    """
+    dense = [densify_groups(p) for p in branches]
+    window, offsets = common_window(dense, allow_growth=True, input_hw=input_hw)
+    if not allow_growth:
+        for p in branches:
+            if p.extent != window.kernel_shape:
+                raise Decline(
+                    f"a {p.extent[0]}x{p.extent[1]} branch would be padded to {window.kernel_shape[0]}x"
+                    f"{window.kernel_shape[1]}: more FLOPs than the separate convs"
+                )
+    w = np.concatenate([_placed(p, window, off) for p, off in zip(dense, offsets)], axis=0)
+    b = np.concatenate([np.asarray(p.bias, np.float64) for p in dense])
+    return regroup(replace(window, weight=w, bias=b))
 
 
 def pad_into_conv(p: ConvParams, pad_top: int, pad_left: int, pad_bottom: int, pad_right: int) -> ConvParams:
@@ -232,3 +276,110 @@ def conv_macs(p: ConvParams, out_hw: Tuple[int, int]) -> int:
     """Multiply-accumulates of one image: Cout * Cin/g * kh * kw * Hout * Wout."""
     cout, cin_g, kh, kw = p.weight.shape
     return int(cout * cin_g * kh * kw * out_hw[0] * out_hw[1])
+
+
+# --------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------
+
+
+def densify_groups(p: ConvParams) -> ConvParams:
+    """The same conv with group=1: a block-diagonal weight [Cout, Cin, kh, kw]."""
+    if p.group == 1:
+        return p
+    cout, cin_g = p.weight.shape[:2]
+    cout_g = cout // p.group
+    w = np.zeros((cout, cin_g * p.group) + p.weight.shape[2:], dtype=np.float64)
+    for g in range(p.group):
+        w[g * cout_g : (g + 1) * cout_g, g * cin_g : (g + 1) * cin_g] = p.weight[g * cout_g : (g + 1) * cout_g]
+    return replace(p, weight=w, group=1)
+
+
+def regroup(p: ConvParams) -> ConvParams:
+    """A dense conv (group=1) rewritten with the largest group count its weight's block-diagonal
+    structure allows (depthwise included); unchanged when it is truly dense."""
+    if p.group != 1:
+        return p
+    w = p.weight
+    cout, cin = w.shape[:2]
+    nz = np.abs(w).reshape(cout, cin, -1).max(axis=2) != 0
+    for g in sorted(_common_divisors(cout, cin), reverse=True):
+        if g == 1:
+            break
+        og, ig = cout // g, cin // g
+        mask = np.zeros_like(nz)
+        for k in range(g):
+            mask[k * og : (k + 1) * og, k * ig : (k + 1) * ig] = True
+        if not np.any(nz & ~mask):
+            wg = np.concatenate([w[k * og : (k + 1) * og, k * ig : (k + 1) * ig] for k in range(g)], axis=0)
+            return replace(p, weight=wg, group=g)
+    return p
+
+
+def _common_divisors(a: int, b: int):
+    from math import gcd
+
+    n = gcd(a, b)
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------------------
+# Sequential convs (DESIGN 3.6)
+# --------------------------------------------------------------------------------------
+
+
+def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
+    """conv2(conv1(x)) as one conv, when that is exact.
+
+    * conv2 has no padding: always exact. With conv1 dense-ified (dilation 1, extent E1) and
+      conv2's taps l (dilation d2), the composite tap a = l*d2*s1 + k has
+      W[o,i,a] = sum_m sum_{l,k: a = l*d2*s1+k} W2[o,m,l] W1[m,i,k], extent (E2-1)*s1 + E1,
+      stride s1*s2, conv1's pads (the output size is provably unchanged);
+      b = b2 + sum_{m,l} W2[o,m,l] b1[m].
+    * conv2 pads with zeros: exact only when conv1 is 1x1, stride 1 and its bias is 0, since
+      then zero padding commutes with conv1. The composite is conv2's geometry with pads
+      P1 + P2 and W[o,i] = sum_m W2[o,m] W1[m,i] per tap.
+    Otherwise the composite would be wrong on the border: Decline. Groups are composed on the
+    dense (block-diagonal) form and recovered with :func:`regroup`.
+    """
+    if p2.in_channels != p1.out_channels:
+        raise Decline(f"channel mismatch {p1.out_channels} -> {p2.in_channels}")
+    d1, d2 = densify_groups(p1), densify_groups(p2)
+    w1 = dense_kernel(np.asarray(d1.weight, np.float64), p1.dilations)
+    w2 = np.asarray(d2.weight, np.float64)
+    b1 = np.asarray(p1.bias, np.float64)
+    b2 = np.asarray(p2.bias, np.float64)
+    if any(p2.pads):
+        pointwise = p1.kernel_shape == (1, 1) and p1.strides == (1, 1)
+        if not pointwise:
+            raise Decline("the second conv pads the first conv's output, and the first is not a stride-1 1x1")
+        if np.any(b1 != 0):
+            raise Decline("the second conv pads with zeros but the first conv's bias is not zero: wrong on the border")
+        w = np.einsum("om...,mi->oi...", w2, w1[:, :, 0, 0])
+        pads = tuple(a + b for a, b in zip(p1.pads, p2.pads))
+        fused = ConvParams(weight=w, bias=b2.copy(), strides=p2.strides, pads=pads, dilations=p2.dilations)
+        return regroup(fused)
+    (s1h, s1w), (s2h, s2w) = p1.strides, p2.strides
+    (l2h, l2w), (dh, dw) = p2.kernel_shape, p2.dilations
+    e1h, e1w = w1.shape[2:]
+    ah, aw = (l2h - 1) * dh * s1h + e1h, (l2w - 1) * dw * s1w + e1w
+    w = np.zeros((w2.shape[0], w1.shape[1], ah, aw))
+    for lh in range(l2h):
+        for lw in range(l2w):
+            oy, ox = lh * dh * s1h, lw * dw * s1w
+            w[:, :, oy : oy + e1h, ox : ox + e1w] += np.einsum("om,mikl->oikl", w2[:, :, lh, lw], w1)
+    b = b2 + np.einsum("oml,m->o", w2.reshape(w2.shape[0], w2.shape[1], -1), b1)
+    fused = ConvParams(weight=w, bias=b, strides=(s1h * s2h, s1w * s2w), pads=p1.pads)
+    return regroup(fused)
+
+
+def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) -> ConvParams:
+    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (DESIGN 3.7).
+
+    Exact when there is no padding or the padding counts in the average; Decline otherwise.
+    """
+    if any(pads) and not count_include_pad:
+        raise Decline("AveragePool with padding and count_include_pad=0 divides border windows by fewer taps")
+    kh, kw = kernel
+    w = np.full((channels, 1, kh, kw), 1.0 / (kh * kw))
+    return ConvParams(weight=w, bias=np.zeros(channels), strides=tuple(strides), pads=tuple(pads), group=channels)

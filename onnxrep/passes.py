@@ -62,6 +62,9 @@ class Rule:
     name: str = ""
     ops: Tuple[str, ...] = ()
     summary: str = ""
+    #: Late rules (horizontal merging, the affine-region fallback) only run once the other
+    #: rules have reached their fixpoint, so they never pre-empt a more specific rewrite.
+    late: bool = False
 
     def match(self, ctx: Context, node) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -92,14 +95,22 @@ def run_to_fixpoint(
     result = PassResult()
     declined: Dict[Tuple[str, str], str] = {}
     graph = ctx.graph
-    changed = True
-    while changed and result.passes < max_passes:
+    changed, with_late = True, False
+    while result.passes < max_passes:
+        if not changed:
+            if with_late or not any(r.late for r in rules):
+                break
+            with_late = True  # the early rules are done: give the late ones a pass
+        else:
+            with_late = False
         changed = False
         result.passes += 1
         for node in list(graph.graph.nodes):
             if not node.outputs:  # removed earlier in this pass
                 continue
             for rule in by_op.get(node.op, ()):
+                if rule.late and not with_late:
+                    continue
                 m = rule.match(ctx, node)
                 if m is None:
                     continue

@@ -13,6 +13,7 @@ from .affine_conv import FoldAffineIntoConv
 from .conv_bn import FoldBnIntoConv
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
+from .sequential import ComposeSequentialConvs
 
 #: Rules run by default, in this order within each pass (an explicit tuple: no registration
 #: by import side effects).
@@ -21,6 +22,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldBnIntoConv(),
     FoldAffineIntoConv(),
     MergeParallelAdd(),
+    ComposeSequentialConvs(),
 )
 
 RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}

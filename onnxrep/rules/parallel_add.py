@@ -203,3 +203,47 @@ def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:
     fused = merge_parallel(params, allow_growth=ctx.allow_growth, input_hw=spatial_hw(leaves[0].base))
     dtype = next(n for n in convs[0].nodes if n.op == "Conv").inputs[1].values.dtype
     return Merge(leaves[0].base, leaves, fused, dtype)
+
+
+def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
+    """Whether a conv of ``base`` producing ``t`` would be absorbed by a parallel branch.
+
+    True when ``t`` flows through per-channel affine ops into an Add tree that has another conv
+    leaf on ``base`` with the same stride and groups whose input window covers ``params``' window:
+    merging then costs nothing beyond that branch.
+    """
+    while True:
+        consumer = g.sole_consumer(t)
+        if consumer is None:
+            return False
+        if consumer.op == "Add":
+            break
+        affine = g.read_channel_affine(consumer)
+        if affine is None or affine[0] is not t:
+            return False
+        t = consumer.outputs[0]
+    root = consumer
+    while True:
+        parent = g.sole_consumer(root.outputs[0])
+        if parent is None or parent.op != "Add" or not _same_shape(root.outputs[0], parent.outputs[0]):
+            break
+        root = parent
+    _, operands = _flatten(g, root)
+    for operand in operands:
+        leaf = _read_leaf(g, operand)
+        if leaf.conv is None or leaf.base is not base or leaf.tensor is t:
+            continue
+        if _covers(leaf.conv, params):
+            return True
+    return False
+
+
+def _covers(big: ConvParams, small: ConvParams) -> bool:
+    """Same stride and groups, and big's input window contains small's on both axes."""
+    if big.strides != small.strides or big.group != small.group:
+        return False
+    for axis in (0, 1):
+        b0, s0 = -big.pads[axis], -small.pads[axis]
+        if s0 < b0 or s0 + small.extent[axis] > b0 + big.extent[axis]:
+            return False
+    return True
