@@ -383,3 +383,71 @@ def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) 
     kh, kw = kernel
     w = np.full((channels, 1, kh, kw), 1.0 / (kh * kw))
     return ConvParams(weight=w, bias=np.zeros(channels), strides=tuple(strides), pads=tuple(pads), group=channels)
+
+
+# --------------------------------------------------------------------------------------
+# Any affine region (DESIGN 3.10): a kernel from impulse responses
+# --------------------------------------------------------------------------------------
+
+
+def impulse_positions(in_hw: Tuple[int, int], strides: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """One impulse position per stride residue, near the centre of the input."""
+    (h, w), (sh, sw) = in_hw, strides
+    bh, bw = (h // 2) // sh * sh, (w // 2) // sw * sw
+    return [(min(bh + rh, h - 1), min(bw + rw, w - 1)) for rh in range(sh) for rw in range(sw)]
+
+
+def kernel_from_impulses(
+    responses: np.ndarray,
+    zero: np.ndarray,
+    positions: Sequence[Tuple[int, int]],
+    strides: Tuple[int, int],
+    in_hw: Tuple[int, int],
+    rel_threshold: float = 1e-7,
+    bias_rtol: float = 1e-5,
+) -> ConvParams:
+    """The conv whose impulse responses these are.
+
+    ``responses[i, r]`` is the map's output [Cout, Ho, Wo] for an input that is zero except a 1
+    at channel i, position ``positions[r]``; ``zero`` is its output for the zero input. For a
+    conv with stride s, output o responds to an impulse at p through tap q = p - o*s (relative
+    to the window start), so every response fills part of the kernel W[:, i, q]. The kernel is
+    cropped to the taps that are non-zero (above ``rel_threshold`` of the largest response, to
+    ignore float rounding), and pads are set so the output size is unchanged.
+    Declines when the zero response (the bias) varies over space by more than ``bias_rtol``.
+    """
+    cin, _, cout, ho, wo = responses.shape
+    sh, sw = strides
+    h, w = in_hw
+    bias = zero.reshape(cout, -1)
+    scale = max(float(np.max(np.abs(responses - zero[None, None]))), float(np.max(np.abs(bias))), 1e-30)
+    if np.max(np.abs(bias - bias[:, :1])) > bias_rtol * scale:
+        raise Decline("the region's output for a zero input varies over space (not a conv bias)")
+    # q ranges over p - o*s; index it from the smallest possible value.
+    qh0 = min(p[0] for p in positions) - (ho - 1) * sh
+    qw0 = min(p[1] for p in positions) - (wo - 1) * sw
+    qh1 = max(p[0] for p in positions)
+    qw1 = max(p[1] for p in positions)
+    table = np.zeros((cout, cin, qh1 - qh0 + 1, qw1 - qw0 + 1))
+    oh, ow = np.arange(ho), np.arange(wo)
+    for r, (ph, pw) in enumerate(positions):
+        d = responses[:, r] - zero[None]  # [cin, cout, ho, wo]
+        rows = ph - oh * sh - qh0
+        cols = pw - ow * sw - qw0
+        table[:, :, rows[:, None], cols[None, :]] = np.transpose(d, (1, 0, 2, 3))
+    table[np.abs(table) <= rel_threshold * scale] = 0.0
+    nz = np.nonzero(np.any(table != 0, axis=(0, 1)))
+    if len(nz[0]) == 0:
+        raise Decline("the region does not depend on its input")
+    r0, r1, c0, c1 = nz[0].min(), nz[0].max(), nz[1].min(), nz[1].max()
+    kernel = table[:, :, r0 : r1 + 1, c0 : c1 + 1]
+    top, left = -(qh0 + r0), -(qw0 + c0)
+    kh, kw = kernel.shape[2:]
+    if top < 0 or left < 0:
+        raise Decline("the recovered kernel would need a negative pad")
+    bottom = max(0, (ho - 1) * sh + kh - h - top)
+    right = max(0, (wo - 1) * sw + kw - w - left)
+    p = ConvParams(weight=kernel, bias=bias[:, 0].copy(), strides=strides, pads=(top, left, bottom, right))
+    if p.output_size(h, w) != (ho, wo):
+        raise Decline("no zero-padded conv reproduces the region's output size")
+    return regroup(p)

@@ -54,6 +54,8 @@ class Context:
 
     graph: RepGraph
     allow_growth: bool = False
+    #: Rules may remember expensive results here (e.g. regions already probed and declined).
+    memo: Dict[Any, Any] = field(default_factory=dict)
 
 
 class Rule:

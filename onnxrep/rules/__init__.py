@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Optional, Tuple
 from ..errors import UsageError
 from ..passes import Rule
 from .affine_conv import FoldAffineIntoConv
+from .affine_region import CollapseAffineRegion
 from .conv_bn import FoldBnIntoConv
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
@@ -23,6 +24,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldAffineIntoConv(),
     MergeParallelAdd(),
     ComposeSequentialConvs(),
+    CollapseAffineRegion(),
 )
 
 RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}

@@ -1,0 +1,128 @@
+"""Running a region of the graph on its own in onnxruntime (for the affine-region fallback).
+
+A region is cut out together with the shape computations that feed it (exporters build
+indices and pads from ``Shape`` of some activation); activations it only reads through
+``Shape`` become extra inputs fed with zeros of the right shape.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .kernels import ConvParams, Decline
+
+
+def toposort(nodes: List[gs.Node]) -> List[gs.Node]:
+    """The nodes in an order where producers come first (Kahn's algorithm on the subset)."""
+    ids = {id(n) for n in nodes}
+    deps = {id(n): {id(p) for t in n.inputs for p in t.inputs if id(p) in ids and p is not n} for n in nodes}
+    by_id = {id(n): n for n in nodes}
+    done, order = set(), []
+    ready = [n for n in nodes if not deps[id(n)]]
+    consumers: Dict[int, List[gs.Node]] = {}
+    for n in nodes:
+        for d in deps[id(n)]:
+            consumers.setdefault(d, []).append(n)
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        done.add(id(n))
+        for c in consumers.get(id(n), ()):
+            if id(c) not in done and deps[id(c)] <= done and c not in ready:
+                ready.append(c)
+    if len(order) != len(nodes):
+        raise Decline("the region has a cycle")
+    return order
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class Submodel:
+    """``y = region(x)`` as a runnable onnxruntime session."""
+
+    def __init__(self, graph: gs.Graph, nodes: List[gs.Node], x, y, kinds):
+        inside = {id(n) for n in nodes}
+        support: List[gs.Node] = []
+        sources: Dict[str, object] = {}
+        seen = set(inside)
+        stack = [t for n in nodes for t in n.inputs if t.name and kinds(t) == "shape"]
+        while stack:
+            t = stack.pop()
+            p = t.inputs[0] if t.inputs else None
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            support.append(p)
+            for i in p.inputs:
+                if not i.name or isinstance(i, gs.Constant):
+                    continue
+                if kinds(i) == "value":
+                    if i is not x and not any(id(q) in inside for q in i.inputs):
+                        sources[i.name] = i
+                else:
+                    stack.append(i)
+        self.x, self.y = x, y
+        self.sources = list(sources.values())
+        batch = (x.shape or [None])[0]
+        self.static_batch = batch if isinstance(batch, int) else None
+        self.batch_symbol = batch if isinstance(batch, str) else None
+        ordered = toposort(list(nodes) + support)
+        sub = gs.Graph(nodes=ordered, inputs=[x] + self.sources, outputs=[y], opset=graph.opset,
+                       import_domains=graph.import_domains)
+        try:
+            model = gs.export_onnx(sub, do_type_check=False)
+            model.ir_version = min(model.ir_version, 10)
+            self.session = _session(model)
+        except Exception as exc:
+            raise Decline(f"the region cannot run on its own ({str(exc).strip().splitlines()[0][:120]})") from None
+
+    def _source_feed(self, t, n: int) -> np.ndarray:
+        dims = []
+        for d in t.shape or []:
+            if isinstance(d, int):
+                dims.append(d)
+            elif d == self.batch_symbol:
+                dims.append(n)
+            else:
+                raise Decline(f"shape source '{t.name}' has an unknown dim '{d}'")
+        return np.zeros(dims, dtype=np.dtype(t.dtype))
+
+    def run(self, xs: np.ndarray) -> np.ndarray:
+        """The region's output for a batch of inputs (chunked when the batch is static)."""
+        step = self.static_batch or len(xs)
+        outs = []
+        for start in range(0, len(xs), step):
+            chunk = xs[start : start + step]
+            if len(chunk) != step:
+                raise Decline("input count does not fit the region's static batch")
+            feed = {self.x.name: chunk}
+            for s in self.sources:
+                feed[s.name] = self._source_feed(s, len(chunk))
+            try:
+                outs.append(self.session.run([self.y.name], feed)[0])
+            except Exception as exc:
+                raise Decline(f"the region failed on probe inputs ({str(exc).strip().splitlines()[0][:120]})") from None
+        return np.concatenate(outs, axis=0)
+
+    def run_conv(self, xs: np.ndarray, p: ConvParams) -> np.ndarray:
+        """A single Conv with parameters ``p`` on ``xs`` (float32, onnxruntime)."""
+        w = numpy_helper.from_array(np.asarray(p.weight, np.float32), "w")
+        b = numpy_helper.from_array(np.asarray(p.bias, np.float32), "b")
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(p.kernel_shape),
+                                strides=list(p.strides), pads=list(p.pads), dilations=list(p.dilations), group=p.group)
+        g = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w, b])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        return _session(model).run(None, {"x": xs})[0]
