@@ -10,7 +10,7 @@ import onnx
 
 from .errors import VerificationError
 from .graph import RepGraph
-from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, validate
+from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, tensor_shapes, validate
 from .passes import Context, PassResult, RewriteKey, run_to_fixpoint
 from .report import Report
 from .rules import select_rules
@@ -61,9 +61,12 @@ def optimize(
     report = Report(input=label, input_shapes=shapes)
     report.timings["load"] = time.perf_counter() - t0
 
+    known_shapes: Dict[str, list] = {}
+
     def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
-        graph = import_graph(original)
-        normalize(graph)
+        graph = normalize(import_graph(original))
+        if not known_shapes:  # shapes after constant folding: complete where inference alone is not
+            known_shapes.update(tensor_shapes(graph, original, shapes))
         result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=allow_growth), rules, deny, limit)
         return export(graph, original), result
 
@@ -95,8 +98,8 @@ def optimize(
 
     report.rewrites = result.rewrites
     report.declines = result.declines
-    report.before = model_stats(original, shapes)
-    report.after = model_stats(candidate, shapes)
+    report.before = model_stats(original, shapes, known_shapes)
+    report.after = model_stats(candidate, shapes, known_shapes)
     if report.after.flops > report.before.flops and not allow_growth:
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0

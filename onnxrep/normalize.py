@@ -3,9 +3,9 @@
 Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.9):
 
 * shape inference, so rules can compare shapes and channel counts;
-* ``CastLike(constant, x)`` becomes ``Cast(constant, to=dtype(x))``: ``dynamo=True,
-  optimize=False`` builds each conv's zero bias as ``Expand(CastLike(0, x), Shape(W))``, which
-  only depends on x through its dtype;
+* ``CastLike(v, x)`` becomes ``Cast(v, to=dtype(x))``: it depends on x only through its dtype.
+  ``dynamo=True, optimize=False`` builds each conv's zero bias as
+  ``Expand(CastLike(0, x), Shape(W))`` and border values as ``CastLike(expand, x)``;
 * constant folding (onnx-graphsurgeon evaluating with onnxruntime, no size limit), which turns
   those chains, Shape/Expand chains under static shapes and kernels computed from parameters
   (OREPA) into initializers;
@@ -95,8 +95,12 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def normalize(graph: gs.Graph) -> None:
-    """Bring the graph to the canonical form the rules expect (see module docstring)."""
+def normalize(graph: gs.Graph) -> gs.Graph:
+    """The graph in the canonical form the rules expect (see module docstring).
+
+    Shapes are inferred again after folding: pads and shapes that were computed in the graph
+    are constants now, so intermediate shapes that inference could not size become known.
+    """
     for _ in range(3):
         before = len(graph.nodes)
         _castlike_to_cast(graph)
@@ -107,6 +111,20 @@ def normalize(graph: gs.Graph) -> None:
         if len(graph.nodes) == before:
             break
     graph.toposort()
+    return _reinfer_shapes(graph)
+
+
+def _reinfer_shapes(graph: gs.Graph) -> gs.Graph:
+    boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in boundary:
+            t.shape = None
+    model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.debug("shape inference after folding failed: %s", exc)
+    return gs.import_onnx(model)
 
 
 def _castlike_to_cast(graph: gs.Graph) -> None:
@@ -114,7 +132,7 @@ def _castlike_to_cast(graph: gs.Graph) -> None:
         if node.op != "CastLike" or len(node.inputs) != 2:
             continue
         src, like = node.inputs
-        if not isinstance(src, gs.Constant) or like.dtype is None:
+        if like.dtype is None:
             continue
         dtype = like.dtype
         try:
@@ -175,6 +193,24 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     del model.functions[:]
     model.functions.extend(original.functions)
     return model
+
+
+def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:
+    """Concrete shapes of the graph's activations, symbolic dims resolved from the input shapes."""
+    symbols: Dict[str, int] = {}
+    for inp in model.graph.input:
+        for d, v in zip(inp.type.tensor_type.shape.dim, input_shapes.get(inp.name, [])):
+            if d.dim_param:
+                symbols[d.dim_param] = v
+    out: Dict[str, List[int]] = {}
+    for name, t in graph.tensors().items():
+        shape = getattr(t, "shape", None)
+        if shape is None or isinstance(t, gs.Constant):
+            continue
+        dims = [d if isinstance(d, int) else symbols.get(d) for d in shape]
+        if all(isinstance(d, int) for d in dims):
+            out[name] = dims
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

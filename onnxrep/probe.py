@@ -56,6 +56,19 @@ class Submodel:
         support: List[gs.Node] = []
         sources: Dict[str, object] = {}
         seen = set(inside)
+        derived: Dict[str, bool] = {}
+
+        def from_region(t, depth=0) -> bool:
+            """Whether activation t is x, made in the region, or made from those alone."""
+            if t is x or any(id(q) in inside for q in t.inputs):
+                return True
+            if t.name not in derived:
+                p = t.inputs[0] if t.inputs else None
+                derived[t.name] = bool(p) and depth < 32 and all(
+                    from_region(i, depth + 1) for i in p.inputs if i.name and kinds(i) == "value"
+                )
+            return derived[t.name]
+
         stack = [t for n in nodes for t in n.inputs if t.name and kinds(t) == "shape"]
         while stack:
             t = stack.pop()
@@ -67,11 +80,14 @@ class Submodel:
             for i in p.inputs:
                 if not i.name or isinstance(i, gs.Constant):
                     continue
-                if kinds(i) == "value":
-                    if i is not x and not any(id(q) in inside for q in i.inputs):
-                        sources[i.name] = i
-                else:
+                if kinds(i) != "value":
                     stack.append(i)
+                elif i is x or any(id(q) in inside for q in i.inputs):
+                    continue
+                elif from_region(i):
+                    stack.append(i)  # e.g. Shape(Slice(region tensor)): run that Slice too
+                else:
+                    sources[i.name] = i
         self.x, self.y = x, y
         self.sources = list(sources.values())
         batch = (x.shape or [None])[0]

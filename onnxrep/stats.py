@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 
 FREE_OPS = {
     "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Constant", "ConstantOfShape", "Identity",
@@ -36,7 +36,10 @@ class ModelStats:
         return {"nodes": self.nodes, "convs": self.convs, "params": self.params, "flops": self.flops, "ops": self.ops}
 
 
-def model_stats(model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> ModelStats:
+def model_stats(
+    model: onnx.ModelProto, input_shapes: Dict[str, List[int]], known_shapes: Optional[Dict[str, List[int]]] = None
+) -> ModelStats:
+    """Statistics at ``input_shapes``; ``known_shapes`` fills tensors shape inference cannot size."""
     graph = model.graph
     ops = Counter(n.op_type for n in graph.node)
     params = sum(int(np.prod(t.dims)) for t in graph.initializer if _is_float(t.data_type))
@@ -46,6 +49,8 @@ def model_stats(model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> M
                 if attr.name == "value" and _is_float(attr.t.data_type):
                     params += int(np.prod(attr.t.dims))
     shapes = _shapes(model, input_shapes)
+    for name, shape in (known_shapes or {}).items():
+        shapes.setdefault(name, shape)
     flops = sum(_node_flops(node, shapes) for node in graph.node)
     return ModelStats(len(graph.node), ops.get("Conv", 0), params, int(flops), dict(sorted(ops.items())))
 

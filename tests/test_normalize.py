@@ -10,8 +10,7 @@ from onnxrep.normalize import import_graph, normalize
 
 
 def _normalized_ops(model):
-    graph = import_graph(model)
-    normalize(graph)
+    graph = normalize(import_graph(model))
     return {n.op: sum(1 for m in graph.nodes if m.op == n.op) for n in graph.nodes}
 
 

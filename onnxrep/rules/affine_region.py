@@ -154,7 +154,7 @@ class CollapseAffineRegion(Rule):
     def rewrite(self, ctx: Context, m: RegionMatch) -> Rewrite:
         g = ctx.graph
         y = m.anchor.outputs[0]
-        g.remove(m.nodes)
+        g.remove(m.nodes + _dead_with(m.nodes, y))
         new = g.write_conv(f"{m.anchor.name}.conv", m.fused, m.x, y, np.float32)
         kh, kw = m.fused.kernel_shape
         ops = sorted({n.op for n in m.nodes})
@@ -196,12 +196,48 @@ def _grow(g, anchor, kinds) -> Optional[List[object]]:
                 p = producer(t) if t.name else None
                 if p is None or id(p) in inside or kinds(t) != "value" or not _affine_node(p, kinds):
                     continue
-                if any(g.is_graph_output(o) or any(id(c) not in inside for c in o.outputs) for o in p.outputs):
+                if any(g.is_graph_output(o) or not all(_feeds_only(g, c, inside) for c in o.outputs) for o in p.outputs):
                     continue
                 region.append(p)
                 inside.add(id(p))
                 changed = True
     return region
+
+
+def _feeds_only(g, node, inside, budget: int = 64) -> bool:
+    """Whether ``node`` is in the region, or everything it computes ends up only in the region.
+
+    Exporters read activations through Shape (and Slice -> Shape) to build indices for border
+    writes; such readers die with the region and must not stop it from growing.
+    """
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in inside or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if len(seen) > budget or not n.outputs:
+            return False
+        for o in n.outputs:
+            if g.is_graph_output(o):
+                return False
+            stack.extend(o.outputs)
+    return True
+
+
+def _dead_with(region, y) -> List[object]:
+    """Nodes outside the region that read its intermediates (only to feed it, see _feeds_only)."""
+    inside = {id(n) for n in region}
+    dead, stack = [], [c for n in region for o in n.outputs if o is not y for c in o.outputs if id(c) not in inside]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if id(n) in inside or id(n) in seen:
+            continue
+        seen.add(id(n))
+        dead.append(n)
+        stack.extend(c for o in n.outputs for c in o.outputs)
+    return dead
 
 
 def _strides(g, nodes, x, y):
