@@ -241,18 +241,19 @@ def concat_parallel(
 ) -> ConvParams:
     """Concat(axis=1) of convolutions of one input as one convolution (DESIGN 3.5).
 
-    Kernels are placed in the union window and concatenated along Cout. Grouped branches are
-    composed on their dense form and regrouped. Unless ``allow_growth``, every branch must
-    already read the whole union window: padding a smaller kernel with zero taps costs FLOPs.
+    Kernels are placed in the union window (:func:`common_window`) and concatenated along
+    Cout. Grouped branches are composed on their dense form and regrouped. A kernel smaller
+    than the union window gets zero taps, which the fused conv pays for in MACs: unless
+    ``allow_growth``, every branch must already read the whole window.
     """
     dense = [densify_groups(p) for p in branches]
-    window, offsets = common_window(dense, allow_growth=True, input_hw=input_hw)
+    window, offsets = common_window(dense, allow_growth=allow_growth, input_hw=input_hw)
     if not allow_growth:
-        for p in branches:
+        for p in dense:
             if p.extent != window.kernel_shape:
                 raise Decline(
-                    f"a {p.extent[0]}x{p.extent[1]} branch would be padded to {window.kernel_shape[0]}x"
-                    f"{window.kernel_shape[1]}: more FLOPs than the separate convs"
+                    f"a {p.extent[0]}x{p.extent[1]} branch would be padded to the {window.kernel_shape[0]}x"
+                    f"{window.kernel_shape[1]} window: more MACs than the separate convs (--allow-growth allows it)"
                 )
     w = np.concatenate([_placed(p, window, off) for p, off in zip(dense, offsets)], axis=0)
     b = np.concatenate([np.asarray(p.bias, np.float64) for p in dense])

@@ -29,9 +29,15 @@ the script exits non-zero if any file deviates by more than 1e-4 (max abs).
 not selected by ``--only`` are kept). Everything is seeded, so re-running gives
 equivalent models.
 
-To add a family: write an ``nn.Module`` whose every "block" collapses, in deploy
-structure, to exactly one Conv (optionally followed by a ReLU), and add it to
-``REGISTRY`` as ``name -> Family(constructor, description, blocks)``.
+Manifest fields per file include ``tier`` (1: the seed families repvgg, acnet,
+mobileone, orepa_scale; 2: dbb_*, orepa, unireplk, inception, concat, chain_*, bsconv_*),
+``expected_conv`` (Conv count after full re-parameterization) and ``expected_note`` (one
+line: what the expected result is and why).
+
+To add a family: write an ``nn.Module`` and add it to ``REGISTRY`` as
+``name -> Family(constructor, description, blocks, expected_note, tier=..., expected_conv=...)``;
+``expected_conv`` defaults to ``blocks`` (every block collapses, in deploy structure, to
+exactly one Conv, optionally followed by a ReLU).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -258,6 +265,355 @@ class OREPAScaleNet(nn.Module):
         return self.blocks(x)
 
 
+# --------------------------------------------------------------------------- tier 2: dbb
+
+
+def bn_zero_output(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """BN(0) per channel: beta - mean * gamma / sqrt(var + eps) (DBB's pad value)."""
+    return bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+
+
+class BNAndPadSlice(nn.Module):
+    """DBB's BNAndPadLayer as in the original code: BN, zero pad, then overwrite the border
+    with BN(0) by in-place slice assignment."""
+
+    def __init__(self, pad: int, c: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.pad = pad
+
+    def forward(self, x):
+        out = self.bn(x)
+        p = self.pad
+        if p > 0:
+            pad_values = bn_zero_output(self.bn).view(1, -1, 1, 1)
+            out = F.pad(out, [p] * 4)
+            out[:, :, 0:p, :] = pad_values
+            out[:, :, -p:, :] = pad_values
+            out[:, :, :, 0:p] = pad_values
+            out[:, :, :, -p:] = pad_values
+        return out
+
+
+class BNAndPadSub(nn.Module):
+    """The same function as BNAndPadSlice, spelled pad(BN(x) - v) + v (Sub, Pad, Add)."""
+
+    def __init__(self, pad: int, c: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.pad = pad
+
+    def forward(self, x):
+        v = bn_zero_output(self.bn).view(1, -1, 1, 1)
+        return F.pad(self.bn(x) - v, [self.pad] * 4) + v
+
+
+class DBBBlock(nn.Module):
+    """Diverse Branch Block: ReLU(origin + 1x1 + (1x1 -> BNAndPad -> AvgPool -> BN)
+    + (1x1 -> BNAndPad -> KxK -> BN)), all convs bias-free, as in Ding et al. 2021."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, bn_and_pad: type[nn.Module]):
+        super().__init__()
+        p = k // 2
+        self.dbb_origin = conv_bn(cin, cout, k, stride, p)
+        self.dbb_1x1 = conv_bn(cin, cout, 1, stride, 0)
+        self.dbb_avg = nn.Sequential()
+        self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, 1, 0, bias=False))
+        self.dbb_avg.add_module("bn", bn_and_pad(p, cout))
+        self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=k, stride=stride, padding=0))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(cout))
+        internal = cout
+        self.dbb_1x1_kxk = nn.Sequential()
+        self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, 1, 0, bias=False))
+        self.dbb_1x1_kxk.add_module("bn1", bn_and_pad(p, internal))
+        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, cout, k, stride, 0, bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.dbb_origin(x) + self.dbb_1x1(x) + self.dbb_avg(x) + self.dbb_1x1_kxk(x)
+        return self.act(out)
+
+
+class DBBNet(nn.Module):
+    """Stem conv3x3 3->8 + BN + ReLU, then DBB blocks given as (cin, cout, K, stride)."""
+
+    def __init__(self, bn_and_pad: type[nn.Module], specs):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 8, 3, 1, 1), nn.ReLU())
+        self.blocks = nn.Sequential(*(DBBBlock(ci, co, k, s, bn_and_pad) for ci, co, k, s in specs))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def dbb_slice_net() -> nn.Module:
+    # Only two DBB blocks: every slice assignment costs ~125 nodes in the TorchScript export
+    # (dynamic batch), four blocks gave a 600 KB file.
+    return DBBNet(BNAndPadSlice, [(8, 8, 3, 1), (8, 12, 5, 2)])
+
+
+def dbb_padsub_net() -> nn.Module:
+    return DBBNet(BNAndPadSub, [(8, 8, 3, 1), (8, 12, 3, 2), (12, 12, 5, 1), (12, 16, 5, 2)])
+
+
+# --------------------------------------------------------------------------- tier 2: orepa
+
+
+def _orepa_freq_prior(cout: int, k: int) -> torch.Tensor:
+    """OREPA's fixed frequency prior (cosine basis along H for the first half of the
+    output channels, along W for the second half)."""
+    prior = torch.empty(cout, k, k)
+    half = cout / 2
+    for i in range(cout):
+        for h in range(k):
+            for w in range(k):
+                if i < half:
+                    prior[i, h, w] = math.cos(math.pi * (h + 0.5) * (i + 1) / k)
+                else:
+                    prior[i, h, w] = math.cos(math.pi * (w + 0.5) * (i + 1 - half) / k)
+    return prior
+
+
+class OREPABlock(nn.Module):
+    """OREPA-style block: the KxK kernel is generated in forward() from parameters and fixed
+    priors (Einsum / Mul / Pad / Add over initializers), then F.conv2d, BN, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, k: int = 3):
+        super().__init__()
+        self.cin, self.cout, self.stride, self.padding, self.k = cin, cout, stride, k // 2, k
+        s = 1.0 / math.sqrt(cin * k * k)
+
+        def param(*shape):
+            return nn.Parameter(torch.empty(*shape).uniform_(-s, s) * math.sqrt(3.0))
+
+        self.weight_origin = param(cout, cin, k, k)
+        self.weight_avg_conv = param(cout, cin)
+        self.register_buffer("avg_avg", torch.ones(k, k) / (k * k))
+        self.weight_pfir_conv = param(cout, cin)
+        self.register_buffer("fre_prior", _orepa_freq_prior(cout, k))
+        self.weight_1x1_kxk_idconv1 = param(cin, cin)
+        self.register_buffer("id_tensor", torch.eye(cin))
+        self.weight_1x1_kxk_conv2 = param(cout, cin, k, k)
+        self.weight_1x1 = param(cout, cin, 1, 1)
+        self.weight_gconv_dw = param(cin, k, k)
+        self.weight_gconv_pw = param(cout, cin)
+        self.vector = nn.Parameter(torch.empty(6, cout).uniform_(0.2, 1.0))
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+
+    def weight_gen(self) -> torch.Tensor:
+        p = self.k // 2
+        w_origin = torch.einsum("oihw,o->oihw", self.weight_origin, self.vector[0, :])
+        w_avg = torch.einsum("oi,hw->oihw", self.weight_avg_conv, self.avg_avg) * self.vector[1].view(-1, 1, 1, 1)
+        w_pfir = torch.einsum("oi,ohw->oihw", self.weight_pfir_conv, self.fre_prior)
+        w_pfir = torch.einsum("oihw,o->oihw", w_pfir, self.vector[2, :])
+        conv1 = self.weight_1x1_kxk_idconv1 + self.id_tensor
+        w_1x1_kxk = torch.einsum("ti,othw->oihw", conv1, self.weight_1x1_kxk_conv2)
+        w_1x1_kxk = w_1x1_kxk * self.vector[3].view(-1, 1, 1, 1)
+        w_1x1 = F.pad(self.weight_1x1, [p, p, p, p]) * self.vector[4].view(-1, 1, 1, 1)
+        w_gconv = torch.einsum("ihw,oi->oihw", self.weight_gconv_dw, self.weight_gconv_pw)
+        w_gconv = torch.einsum("oihw,o->oihw", w_gconv, self.vector[5, :])
+        weight = w_origin + w_avg + w_pfir + w_1x1_kxk + w_1x1 + w_gconv
+        # No-op reshape (as OREPA's dwsc2full ends with one): without it the TorchScript exporter
+        # fails with "Unsupported: ONNX export of convolution for kernel of unknown shape", since
+        # its F.pad of the 1x1 weight has no static output shape at symbolic time.
+        return weight.reshape(self.cout, self.cin, self.k, self.k)
+
+    def forward(self, x):
+        out = F.conv2d(x, self.weight_gen(), None, self.stride, self.padding)
+        return self.act(self.bn(out))
+
+
+class OREPANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(OREPABlock(3, 8, 1), OREPABlock(8, 8, 2))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+# --------------------------------------------------------------------------- tier 2: unireplk
+
+
+class DilatedReparamBlock(nn.Module):
+    """UniRepLKNet: BN(dw KxK) + sum_(k,d) BN(dw k x k, dilation d), depthwise, stride 1."""
+
+    def __init__(self, c: int, kernel: int = 7, branches=((5, 1), (3, 2), (3, 3))):
+        super().__init__()
+        self.lk_origin = conv_bn(c, c, kernel, 1, kernel // 2, groups=c)
+        self.dil = nn.ModuleList()
+        for k, d in branches:
+            seq = nn.Sequential()
+            seq.add_module("conv", nn.Conv2d(c, c, k, 1, d * (k - 1) // 2, dilation=d, groups=c, bias=False))
+            seq.add_module("bn", nn.BatchNorm2d(c))
+            self.dil.append(seq)
+
+    def forward(self, x):
+        out = self.lk_origin(x)
+        for branch in self.dil:
+            out = out + branch(x)
+        return out
+
+
+class UniRepLKNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 8, 3, 1, 1), nn.ReLU())
+        self.dilated = nn.Sequential(DilatedReparamBlock(8), nn.ReLU())
+        self.pw = nn.Sequential(conv_bn(8, 8, 1), nn.ReLU())
+
+    def forward(self, x):
+        return self.pw(self.dilated(self.stem(x)))
+
+
+# --------------------------------------------------------------------------- tier 2: inception
+
+
+def conv_bn_relu(cin: int, cout: int, kernel, stride: int = 1, padding=0) -> nn.Sequential:
+    return nn.Sequential(conv_bn(cin, cout, kernel, stride, padding), nn.ReLU())
+
+
+class InceptionModule(nn.Module):
+    """Concat(a: 1x1, b: 1x1 -> ReLU -> 3x3, c: 1x1 -> ReLU -> 5x5, d: maxpool3 -> 1x1), ReLU."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch_a = conv_bn_relu(cin, 4, 1)
+        self.branch_b = nn.Sequential(conv_bn_relu(cin, 4, 1), conv_bn(4, 6, 3, 1, 1))
+        self.branch_c = nn.Sequential(conv_bn_relu(cin, 2, 1), conv_bn(2, 4, 5, 1, 2))
+        self.branch_d = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, 4, 1))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = torch.cat([self.branch_a(x), self.branch_b(x), self.branch_c(x), self.branch_d(x)], dim=1)
+        return self.act(out)
+
+
+class InceptionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_relu(3, 8, 3, 1, 1)
+        self.inception = InceptionModule(8)
+
+    def forward(self, x):
+        return self.inception(self.stem(x))
+
+
+# --------------------------------------------------------------------------- tier 2: concat
+
+
+class ConcatBlock(nn.Module):
+    """ReLU(Concat([BN(conv3x3), BN(conv1x1), BN(conv1x3, pad (0,1))], axis=1))."""
+
+    def __init__(self, cin: int, c3: int, c1: int, c13: int, stride: int):
+        super().__init__()
+        self.b3 = conv_bn(cin, c3, 3, stride, 1)
+        self.b1 = conv_bn(cin, c1, 1, stride, 0)
+        self.b13 = conv_bn(cin, c13, (1, 3), stride, (0, 1))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(torch.cat([self.b3(x), self.b1(x), self.b13(x)], dim=1))
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(ConcatBlock(3, 4, 2, 2, 1), ConcatBlock(8, 6, 4, 6, 2))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+# --------------------------------------------------------------------------- tier 2: chains
+
+
+class ChainBlock(nn.Module):
+    """ReLU(BN(conv1x1 project(BN(conv3x3(conv1x1 expand(x)))))), nothing non-linear between.
+    ``first_bias``: the expand conv has a (random, non-zero) bias, so composing it with the
+    zero-padded 3x3 is not exact on the border."""
+
+    def __init__(self, cin: int, mid: int, cout: int, first_bias: bool):
+        super().__init__()
+        self.expand = nn.Conv2d(cin, mid, 1, 1, 0, bias=first_bias)
+        if first_bias:
+            with torch.no_grad():
+                self.expand.bias.uniform_(-1.0, 1.0)
+        self.conv3 = conv_bn(mid, mid, 3, 1, 1)
+        self.project = conv_bn(mid, cout, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.project(self.conv3(self.expand(x))))
+
+
+class ChainNet(nn.Module):
+    def __init__(self, first_bias: bool):
+        super().__init__()
+        self.blocks = nn.Sequential(ChainBlock(3, 16, 8, first_bias), ChainBlock(8, 16, 8, first_bias))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def chain_nobias_net() -> nn.Module:
+    return ChainNet(first_bias=False)
+
+
+def chain_bias_net() -> nn.Module:
+    return ChainNet(first_bias=True)
+
+
+# --------------------------------------------------------------------------- tier 2: bsconv
+
+
+class BSConvU(nn.Module):
+    """BSConv-U: conv1x1 pointwise -> depthwise 3x3 -> BN -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.pw = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
+        self.dw = conv_bn(cout, cout, 3, stride, 1, groups=cout)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.dw(self.pw(x)))
+
+
+class BSConvS(nn.Module):
+    """BSConv-S: conv1x1 (cin -> mid, mid < cin) -> conv1x1 (mid -> cout) -> depthwise 3x3 -> BN -> ReLU."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int):
+        super().__init__()
+        self.pw1 = nn.Conv2d(cin, mid, 1, 1, 0, bias=False)
+        self.pw2 = nn.Conv2d(mid, cout, 1, 1, 0, bias=False)
+        self.dw = conv_bn(cout, cout, 3, stride, 1, groups=cout)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.dw(self.pw2(self.pw1(x))))
+
+
+class BSConvUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(BSConvU(3, 8, 1), BSConvU(8, 16, 2))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class BSConvSNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(BSConvS(3, 2, 8, 1), BSConvS(8, 4, 16, 2))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -265,29 +621,141 @@ class OREPAScaleNet(nn.Module):
 class Family:
     constructor: Callable[[], nn.Module]
     description: str
-    blocks: int  # number of blocks; each collapses to exactly one Conv in deploy structure
+    blocks: int  # number of blocks (stem included)
+    expected_note: str  # one line: what full re-parameterization should give, and why
+    tier: int = 1  # 1: the seed families; 2: harder structures (DBB, OREPA, concat, chains, ...)
+    # Conv count expected after full re-parameterization; None: one Conv per block.
+    expected_conv: int | None = None
+    # Conv count expected with --allow-growth (rewrites that raise FLOPs); None: as expected_conv.
+    expected_conv_allow_growth: int | None = None
+
+    @property
+    def expected(self) -> int:
+        return self.blocks if self.expected_conv is None else self.expected_conv
+
+    @property
+    def expected_growth(self) -> int:
+        return self.expected if self.expected_conv_allow_growth is None else self.expected_conv_allow_growth
 
 
 REGISTRY: dict[str, Family] = {
+    # ---- tier 1: every block collapses to exactly one Conv (optionally + ReLU)
     "repvgg": Family(
         RepVGGNet,
         "RepVGG: BN(conv3x3)+BN(conv1x1)[+BN(x)], incl. stride 2 and groups=2",
         5,
+        "5: each RepVGG block (3x3 + 1x1 [+ BN identity], same stride/groups) sums into one 3x3 conv",
     ),
     "acnet": Family(
         ACNet,
         "ACNet: BN(convKxK)+BN(conv1xK)+BN(convKx1), K=3/5, stride 1/2",
         4,
+        "4: per block the 1xK and Kx1 kernels nest centred in the KxK window, so the three branches sum into one KxK conv",
     ),
     "mobileone": Family(
         MobileOneNet,
         "MobileOne: stem conv_bn, depthwise k x BN(dw3x3)+BN(dw1x1)[+BN(x)], pointwise k x BN(1x1)[+BN(x)]",
         5,
+        "5: stem + each depthwise stage (dw3x3s + dw1x1 [+ identity]) -> one dw3x3, each pointwise stage -> one 1x1",
     ),
     "orepa_scale": Family(
         OREPAScaleNet,
         "OREPA-style per-channel scale/shift parameters, division and subtraction by buffers, BN identity",
         3,
+        "3: per-channel Mul/Div/Add/Sub by constants fold into each branch conv, branches then sum into one 3x3 conv",
+    ),
+    # ---- tier 2
+    "dbb_slice": Family(
+        dbb_slice_net,
+        "DBB (Diverse Branch Block): origin KxK + 1x1 + (1x1 -> BNAndPad -> AvgPool -> BN) + "
+        "(1x1 -> BNAndPad -> KxK -> BN); stem + blocks 8->8 K3 s1, 8->12 K5 s2; BNAndPad border written by "
+        "in-place slice assignment",
+        3,
+        "3: stem + one KxK conv per DBB block; BNAndPad pads with the 1x1+BN branch's zero-input value, so "
+        "1x1->BN->pad->AvgPool/KxK compose exactly (AvgPool = depthwise 1/K^2 conv) and the four branches sum",
+        tier=2,
+    ),
+    "dbb_padsub": Family(
+        dbb_padsub_net,
+        "DBB as dbb_slice, BNAndPad spelled pad(BN(x) - v) + v (Sub, Pad, Add), v = BN(0); stem + blocks "
+        "8->8 K3 s1, 8->12 K3 s2, 12->12 K5 s1, 12->16 K5 s2",
+        5,
+        "5: stem + one KxK conv per DBB block, as dbb_slice (same math, the BNAndPad border is spelled Sub, Pad, Add)",
+        tier=2,
+    ),
+    "orepa": Family(
+        OREPANet,
+        "OREPA: 3x3 kernel generated in forward() (einsum/mul/pad/add of params and fixed priors), "
+        "F.conv2d, BN, ReLU; 3->8 s1, 8->8 s2",
+        2,
+        "2: the generated kernel is a constant subgraph over initializers (fold it), then Conv->BN folds: one conv per block",
+        tier=2,
+    ),
+    "unireplk": Family(
+        UniRepLKNet,
+        "UniRepLKNet dilated reparam: stem conv3x3 3->8, BN(dw7x7) + BN(dw5x5 d1) + BN(dw3x3 d2) + BN(dw3x3 d3) "
+        "on 8 ch, ReLU, then conv1x1+BN+ReLU",
+        3,
+        "3: stem + one dense depthwise 7x7 (dilated k x k = (k-1)d+1 kernel with zero taps, all centred in 7x7) "
+        "+ the pointwise 1x1; a ReLU separates the dw block from the 1x1 (the stem is needed for 3 input channels)",
+        tier=2,
+    ),
+    "inception": Family(
+        InceptionNet,
+        "Inception: stem conv3x3 3->8; Concat(1x1, 1x1->ReLU->3x3, 1x1->ReLU->5x5, maxpool3->1x1) on 8 ch, ReLU",
+        2,
+        "5: 7 convs (stem + 6 in the module); the three leading 1x1 convs on the same input merge "
+        "horizontally into one 1x1 + Split (7 - 2); nothing else is linear-adjacent (ReLU / MaxPool between)",
+        tier=2,
+        expected_conv=5,
+    ),
+    "concat": Family(
+        ConcatNet,
+        "Concat block: ReLU(Concat([BN(conv3x3), BN(conv1x1), BN(conv1x3 pad (0,1))])), 3->8 s1, 8->16 s2",
+        2,
+        "6 by default, 2 with --allow-growth: the 1x1 and 1x3 kernels nest centred in the 3x3 window, so each "
+        "depth concat is exactly one 3x3 conv, but their zero taps raise MACs 13 -> 27 per output pixel, so "
+        "that merge is a growth rewrite",
+        tier=2,
+        expected_conv=6,
+        expected_conv_allow_growth=2,
+    ),
+    "chain_nobias": Family(
+        chain_nobias_net,
+        "Chain: 1x1 expand (no bias, no BN) -> 3x3 pad 1 + BN -> 1x1 project + BN, ReLU; 3->16->16->8, 8->16->16->8",
+        2,
+        "2: per block 1x1 (bias 0) -> padded 3x3 composes exactly (zero border stays zero), and 3x3 -> 1x1 is "
+        "always exact: one 3x3 conv per block",
+        tier=2,
+    ),
+    "chain_bias": Family(
+        chain_bias_net,
+        "Chain as chain_nobias, but the 1x1 expand has a random non-zero bias",
+        2,
+        "4: per block the expand 1x1 stays (its bias makes 1x1 -> zero-padded 3x3 inexact on the border) and "
+        "3x3 -> 1x1 project fuses (always exact): 2 convs per block",
+        tier=2,
+        expected_conv=4,
+    ),
+    "bsconv_u": Family(
+        BSConvUNet,
+        "BSConv-U: conv1x1 pointwise -> depthwise 3x3 + BN, ReLU; 3->8 s1, 8->16 s2",
+        2,
+        "4: unchanged from the export (1x1 + dw3x3 per block): composing pointwise -> depthwise into one dense "
+        "3x3 is exact but multiplies FLOPs, so it is not applied by default (2 with --allow-growth)",
+        tier=2,
+        expected_conv=4,
+        expected_conv_allow_growth=2,
+    ),
+    "bsconv_s": Family(
+        BSConvSNet,
+        "BSConv-S: conv1x1 (cin->mid) -> conv1x1 (mid->cout) -> depthwise 3x3 + BN, ReLU; 3->2->8 s1, 8->4->16 s2",
+        2,
+        "6: unchanged from the export (1x1 + 1x1 + dw3x3 per block): merging the thin 1x1 pair or composing into "
+        "a dense 3x3 is exact but raises FLOPs, so it is not applied by default (2 with --allow-growth)",
+        tier=2,
+        expected_conv=6,
+        expected_conv_allow_growth=2,
     ),
 }
 
@@ -503,8 +971,11 @@ def main(argv: list[str] | None = None) -> int:
                     "opset": opset,
                     "input_shape": list(INPUT_SHAPE),
                     "dynamic_batch": dynamic,
+                    "tier": fam.tier,
                     "blocks": fam.blocks,
-                    "expected_conv": fam.blocks,
+                    "expected_conv": fam.expected,
+                    "expected_conv_allow_growth": fam.expected_growth,
+                    "expected_note": fam.expected_note,
                     "conv_before": ops.get("Conv", 0),
                     "bn_before": ops.get("BatchNormalization", 0),
                     "add_before": ops.get("Add", 0),

@@ -18,6 +18,8 @@ MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(MODELS, "manifest.json")) as f:
     MANIFEST = json.load(f)
 CORE = [e for e in MANIFEST if e.get("tier", 1) == 1]
+EXTENDED = [e for e in MANIFEST if e.get("tier", 1) == 2]
+GROWTH = [e for e in MANIFEST if e["expected_conv_allow_growth"] != e["expected_conv"]]
 
 
 def test_manifest_covers_every_core_family_in_three_dialects():
@@ -43,3 +45,35 @@ def test_core_fixture_reparameterizes(entry):
     assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
     assert out.opset_import == original.opset_import
     assert_same_outputs(original, out, batch=2 if entry.get("dynamic_batch") else 1)
+
+
+def test_manifest_covers_every_extended_family_in_three_dialects():
+    families = {e["family"] for e in EXTENDED}
+    expected = {"dbb_slice", "dbb_padsub", "orepa", "unireplk", "inception", "concat", "chain_nobias",
+                "chain_bias", "bsconv_u", "bsconv_s"}
+    assert expected <= families
+    for family in families:
+        assert sorted(e["exporter"] for e in EXTENDED if e["family"] == family) == ["dynamo", "dynamo_noopt", "ts"]
+
+
+@pytest.mark.parametrize("entry", EXTENDED, ids=[e["file"] for e in EXTENDED])
+def test_extended_fixture_reparameterizes_without_growth(entry):
+    path = os.path.join(MODELS, entry["file"])
+    original = onnx.load(path)
+    out, report = onnxrep.optimize(path)
+    counts = ops(out)
+    assert counts["Conv"] == entry["expected_conv"], entry["expected_note"]
+    assert counts["BatchNormalization"] == 0
+    assert report.verification.ok and report.verification.max_abs_error < 2e-5
+    assert report.after.flops <= report.before.flops
+    onnx.checker.check_model(out, full_check=True)
+    assert_same_outputs(original, out, batch=2 if entry.get("dynamic_batch") else 1)
+
+
+@pytest.mark.parametrize("entry", GROWTH, ids=[e["file"] for e in GROWTH])
+def test_growth_rewrites_only_with_allow_growth(entry):
+    path = os.path.join(MODELS, entry["file"])
+    out, report = onnxrep.optimize(path, allow_growth=True)
+    assert ops(out)["Conv"] == entry["expected_conv_allow_growth"], entry["expected_note"]
+    assert report.after.flops > report.before.flops
+    assert_same_outputs(onnx.load(path), out)

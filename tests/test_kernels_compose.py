@@ -107,15 +107,20 @@ def test_avgpool_conv_matches_average_and_declines_exclusive_padding():
 
 def test_concat_parallel_is_exact_and_declines_growth():
     rng = np.random.default_rng(6)
-    branches = [conv(rng, 3, 4, 3, pads=1), conv(rng, 2, 4, 3, pads=1, d=1), conv(rng, 5, 4, 1)]
+    branches = [conv(rng, 3, 4, 3, pads=1), conv(rng, 2, 4, (1, 3), pads=(0, 1, 0, 1)), conv(rng, 5, 4, 1)]
     x = rng.standard_normal((1, 4, 7, 8))
-    with pytest.raises(Decline, match="more FLOPs"):
+    with pytest.raises(Decline, match="more MACs"):
         concat_parallel(branches)
     fused = concat_parallel(branches, allow_growth=True)
+    assert fused.kernel_shape == (3, 3)
     want = np.concatenate([conv_params_ref(x, p) for p in branches], axis=1)
     np.testing.assert_allclose(conv_params_ref(x, fused), want, **TIGHT)
-    aligned = concat_parallel(branches[:2])
-    np.testing.assert_allclose(conv_params_ref(x, aligned), want[:, :5], **TIGHT)
+    shifted = [branches[0], conv(rng, 2, 4, 3, pads=(0, 0, 2, 2))]
+    with pytest.raises(Decline, match="misaligned"):
+        concat_parallel(shifted)
+    grown = concat_parallel(shifted, allow_growth=True)
+    want = np.concatenate([conv_params_ref(x, p) for p in shifted], axis=1)
+    np.testing.assert_allclose(conv_params_ref(x, grown), want, **TIGHT)
 
 
 def test_concat_of_depthwise_branches_stays_grouped():

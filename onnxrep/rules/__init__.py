@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..passes import Rule
 from .affine_conv import FoldAffineIntoConv
 from .affine_region import CollapseAffineRegion
+from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
@@ -24,6 +25,8 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldAffineIntoConv(),
     MergeParallelAdd(),
     ComposeSequentialConvs(),
+    MergeParallelConcat(),
+    MergeHorizontalConvs(),
     CollapseAffineRegion(),
 )
 

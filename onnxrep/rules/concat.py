@@ -1,0 +1,162 @@
+"""Depth concat and horizontal merging of parallel convs on one input.
+
+merge_parallel_concat (DESIGN 3.5)
+    Before:  y = Concat(axis=1)[BN(conv3x3(x)), BN(conv1x1(x)), conv1x3(x), ...]
+    After:   y = Conv(x, W = concat_Cout(kernels placed in the union window), b = concat(b))
+    Consecutive Concat operands that are convs (or identity / BN-only branches) of the same
+    input merge into one conv; other operands stay and are concatenated around it. Misaligned
+    branches (union window larger than the largest kernel) decline unless ``allow_growth``.
+
+merge_horizontal_convs (late; TVM CombineParallelConv2D, TensorRT)
+    Before:  x -> Conv_a -> ...;  x -> Conv_b -> ...;  x -> Conv_c -> ...   (outputs go apart)
+    After:   x -> Conv(W = concat_Cout(W_a, W_b, W_c)) -> Split(axis=1) -> a, b, c
+    Only convs with identical windows (same kernel, stride, pads, dilation, groups 1) combine,
+    so FLOPs do not change, and only three or more at once, so the node count drops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+
+from ..graph import spatial_hw
+from ..kernels import ConvParams, Decline, concat_parallel, diagonal_conv
+from ..passes import Context, Rewrite, Rule
+from .parallel_add import Leaf, _read_leaf
+
+
+@dataclass
+class ConcatMatch:
+    node: object
+    runs: List[List[Leaf]]  # runs of operands merged into one conv each
+    params: List[ConvParams]
+    dtype: object
+
+
+def _concat_axis(node) -> int:
+    axis = int(node.attrs.get("axis", 1))
+    rank = len(node.outputs[0].shape or ())
+    return axis + rank if axis < 0 else axis
+
+
+class MergeParallelConcat(Rule):
+    name = "merge_parallel_concat"
+    ops = ("Concat",)
+    summary = "Concat(axis=1) of parallel convs of one input -> one Conv"
+
+    def match(self, ctx: Context, node):
+        g = ctx.graph
+        if _concat_axis(node) != 1 or len(node.outputs[0].shape or ()) != 4:
+            return None
+        leaves = [_read_leaf(g, t) for t in node.inputs]
+        runs, current = [], []
+        for leaf in leaves:
+            if current and (leaf.base is None or leaf.base is not current[0].base):
+                runs.append(current)
+                current = []
+            if leaf.base is not None:
+                current.append(leaf)
+        if current:
+            runs.append(current)
+        runs = [r for r in runs if len(r) >= 2 and any(leaf.conv is not None for leaf in r)]
+        if not runs:
+            return None
+        params, reasons, kept = [], [], []
+        for run in runs:
+            try:
+                branches = [leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, 1) for leaf in run]
+                params.append(concat_parallel(branches, ctx.allow_growth, spatial_hw(run[0].base)))
+                kept.append(run)
+            except Decline as exc:
+                reasons.append(f"operands on '{run[0].base.name}': {exc}")
+        if not kept:
+            return "; ".join(reasons)
+        region = [node] + [n for run in kept for leaf in run for n in leaf.nodes]
+        reason = g.escapes(region, keep=node.outputs)
+        if reason:
+            return f"branch output escapes: {reason}"
+        conv = next(n for leaf in kept[0] for n in leaf.nodes if n.op == "Conv")
+        return ConcatMatch(node, kept, params, conv.inputs[1].values.dtype)
+
+    def rewrite(self, ctx: Context, m: ConcatMatch) -> Rewrite:
+        g = ctx.graph
+        out = m.node.outputs[0]
+        operands = list(m.node.inputs)
+        replaced = [m.node.name] + [n.name for run in m.runs for leaf in run for n in leaf.nodes]
+        g.remove([m.node] + [n for run in m.runs for leaf in run for n in leaf.nodes])
+        whole = len(m.runs) == 1 and len(m.runs[0]) == len(operands)
+        created, new_inputs, i = [], [], 0
+        starts = {id(run[0].tensor): (run, p) for run, p in zip(m.runs, m.params)}
+        while i < len(operands):
+            hit = starts.get(id(operands[i]))
+            if hit is None:
+                new_inputs.append(operands[i])
+                i += 1
+                continue
+            run, p = hit
+            y = out if whole else g.variable(f"{m.node.name}.merged", out)
+            if not whole:
+                y.shape = None
+            created.append(g.write_conv(f"{m.node.name}.conv", p, run[0].base, y, m.dtype).name)
+            new_inputs.append(y)
+            i += len(run)
+        if not whole:
+            created.append(g.add_node("Concat", m.node.name, new_inputs, [out], {"axis": 1}).name)
+        detail = "; ".join("+".join(leaf.kind for leaf in run) for run in m.runs)
+        return Rewrite(self.name, m.node.name, tuple(replaced), tuple(created), detail)
+
+
+@dataclass
+class HorizontalMatch:
+    convs: List[object]
+    params: ConvParams
+    dtype: object
+
+
+class MergeHorizontalConvs(Rule):
+    name = "merge_horizontal_convs"
+    ops = ("Conv",)
+    summary = "3+ convs with identical windows on one input -> one Conv + Split"
+    late = True
+    min_convs = 3
+
+    def match(self, ctx: Context, node):
+        g = ctx.graph
+        x = node.inputs[0]
+        siblings = [c for c in x.outputs if c.op == "Conv" and c.inputs[0] is x]
+        if len(siblings) < self.min_convs or node is not siblings[0]:
+            return None
+        read = [(c, g.read_conv(c)) for c in siblings]
+        read = [(c, p) for c, p in read if not isinstance(p, str) and p.group == 1]
+        if not read:
+            return None
+        key = lambda p: (p.kernel_shape, p.strides, p.pads, p.dilations)
+        first = max({key(p) for _, p in read}, key=lambda k: sum(key(p) == k for _, p in read))
+        same = [(c, p) for c, p in read if key(p) == first]
+        if len(same) < self.min_convs:
+            return f"fewer than {self.min_convs} convs on '{x.name}' share one window"
+        dtypes = {c.inputs[1].values.dtype for c, _ in same}
+        if len(dtypes) != 1:
+            return None
+        fused = concat_parallel([p for _, p in same], allow_growth=False, input_hw=spatial_hw(x))
+        return HorizontalMatch([c for c, _ in same], fused, dtypes.pop())
+
+    def rewrite(self, ctx: Context, m: HorizontalMatch) -> Rewrite:
+        g = ctx.graph
+        x = m.convs[0].inputs[0]
+        outs = [c.outputs[0] for c in m.convs]
+        sizes = [int(c.inputs[1].values.shape[0]) for c in m.convs]
+        base = m.convs[0].name
+        y = g.variable(f"{base}.combined", outs[0])
+        y.shape = None
+        g.remove(m.convs)
+        conv = g.write_conv(f"{base}.combined", m.params, x, y, m.dtype)
+        opset = int(g.graph.opset or 13)
+        if opset >= 13:
+            split = g.add_node("Split", f"{base}.split", [y, g.constant(f"{base}.split_sizes", np.array(sizes), np.int64)], outs, {"axis": 1})
+        else:
+            split = g.add_node("Split", f"{base}.split", [y], outs, {"axis": 1, "split": sizes})
+        return Rewrite(self.name, base, tuple(c.name for c in m.convs), (conv.name, split.name),
+                       f"{len(m.convs)} convs on '{x.name}' -> conv + Split {sizes}")
