@@ -59,6 +59,12 @@ def optimize(
     rules = select_rules(only, skip)
     shapes = resolve_input_shapes(original, input_shapes, label)
     report = Report(input=label, input_shapes=shapes)
+    overridable = {i.name for i in original.graph.initializer} & {i.name for i in original.graph.input}
+    if overridable:
+        report.warnings.append(
+            f"{len(overridable)} initializer(s) are also graph inputs; they are treated as constants and "
+            "the result does not list them as inputs"
+        )
     report.timings["load"] = time.perf_counter() - t0
 
     known_shapes: Dict[str, list] = {}

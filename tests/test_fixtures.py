@@ -77,3 +77,16 @@ def test_growth_rewrites_only_with_allow_growth(entry):
     assert ops(out)["Conv"] == entry["expected_conv_allow_growth"], entry["expected_note"]
     assert report.after.flops > report.before.flops
     assert_same_outputs(onnx.load(path), out)
+
+
+PADSUB = [e for e in EXTENDED if e["family"] == "dbb_padsub"]
+
+
+@pytest.mark.parametrize("entry", PADSUB, ids=[e["file"] for e in PADSUB])
+def test_dbb_pad_sub_add_spelling_needs_no_fallback(entry):
+    """The specific rules alone (border pad, composition, AvgPool, absorbed growth) finish DBB."""
+    path = os.path.join(MODELS, entry["file"])
+    out, report = onnxrep.optimize(path, skip=["collapse_affine_region"])
+    assert ops(out)["Conv"] == entry["expected_conv"]
+    assert {"fold_border_pad_into_conv", "compose_sequential_convs"} <= set(report.rules_applied())
+    assert_same_outputs(onnx.load(path), out)

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..passes import Rule
 from .affine_conv import FoldAffineIntoConv
 from .affine_region import CollapseAffineRegion
+from .border_pad import FoldBorderPadIntoConv
 from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
 from .pad_conv import FoldPadIntoConv
@@ -21,6 +22,7 @@ from .sequential import ComposeSequentialConvs
 #: by import side effects).
 DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldPadIntoConv(),
+    FoldBorderPadIntoConv(),
     FoldBnIntoConv(),
     FoldAffineIntoConv(),
     MergeParallelAdd(),
