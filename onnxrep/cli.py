@@ -14,9 +14,8 @@ import tempfile
 import traceback
 from typing import Dict, List, Optional
 
-import onnx
 
-from . import __version__
+from . import __version__, modelio
 from .core import optimize
 from .errors import OnnxrepError, UsageError, VerificationError
 from .rules import DEFAULT_RULES
@@ -163,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.no_verify:
             print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
         if not args.dry_run:
-            atomic_write(lambda tmp: onnx.save(model, tmp), output)
+            modelio.write_model(model, output, atomic_write, report.external_data or modelio.needs_external_data(model))
             report.output = output
         if args.report:
             text = json.dumps(report.to_dict(), indent=2)

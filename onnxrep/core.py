@@ -10,6 +10,7 @@ import onnx
 
 from .errors import VerificationError
 from .graph import RepGraph
+from .modelio import needs_external_data
 from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, tensor_shapes, validate
 from .passes import Context, PassResult, RewriteKey, run_to_fixpoint
 from .report import Report
@@ -51,14 +52,15 @@ def optimize(
         no verified result can be produced.
     """
     t0 = time.perf_counter()
+    external = False
     if isinstance(model, str):
-        label, original = model, load_model(model)
+        label, (original, external) = model, load_model(model)
     else:
         label, original = "<model>", model
     validate(original, label)
     rules = select_rules(only, skip)
     shapes = resolve_input_shapes(original, input_shapes, label)
-    report = Report(input=label, input_shapes=shapes)
+    report = Report(input=label, input_shapes=shapes, external_data=external or needs_external_data(original))
     overridable = {i.name for i in original.graph.initializer} & {i.name for i in original.graph.input}
     if overridable:
         report.warnings.append(

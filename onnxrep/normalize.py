@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -25,6 +25,7 @@ from onnx import helper, shape_inference
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import OnnxrepError
+from .modelio import uses_external_data
 
 G_LOGGER.severity = G_LOGGER.ERROR
 
@@ -35,8 +36,11 @@ MIN_OPSET = 7
 log = logging.getLogger("onnxrep")
 
 
-def load_model(path: str) -> onnx.ModelProto:
-    """Read an ONNX file (external data included), with a one-line error for anything else."""
+def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
+    """Read an ONNX file, external data included, with a one-line error for anything else.
+
+    Returns the model and whether its tensors were stored as external data.
+    """
     if not os.path.exists(path):
         raise OnnxrepError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -44,12 +48,15 @@ def load_model(path: str) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise OnnxrepError(f"{path}: empty file")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
+        external = uses_external_data(model)
+        if external:
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf raises several types for garbage input
         raise OnnxrepError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no graph)")
-    return model
+    return model, external
 
 
 def validate(model: onnx.ModelProto, label: str) -> None:

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from . import modelio
 from .kernels import ConvParams, Decline
 
 
@@ -45,7 +46,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return modelio.session(model, opts)
 
 
 class Submodel:

@@ -24,6 +24,8 @@ class Report:
     timings: Dict[str, float] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     output: Optional[str] = None
+    #: the result is written with its tensors in a data file beside it (large or external input)
+    external_data: bool = False
 
     def rules_applied(self) -> Dict[str, int]:
         return dict(Counter(r.rule for r in self.rewrites))
@@ -32,6 +34,7 @@ class Report:
         return {
             "input": self.input,
             "output": self.output,
+            "external_data": self.external_data,
             "input_shapes": self.input_shapes,
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import modelio
 from .errors import OnnxrepError
 
 FP32_TOL = (1e-4, 1e-5)  # (rtol, atol)
@@ -63,7 +64,7 @@ def _session(model: onnx.ModelProto, label: str) -> ort.InferenceSession:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return modelio.session(model, opts)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxrepError(
