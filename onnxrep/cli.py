@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
     p.add_argument("--only", action="append", default=[], metavar="RULE", help="run only this rule (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="RULE", help="do not run this rule (repeatable)")
-    p.add_argument("--allow-growth", action="store_true", help="allow fusions whose kernel window exceeds every branch's")
+    p.add_argument(
+        "--allow-growth", action="store_true",
+        help="also apply rewrites that raise MACs (misaligned branches, 1x1 -> depthwise compositions, "
+        "concat branches padded with zero taps)",
+    )
     p.add_argument("--no-verify", action="store_true", help="write the result WITHOUT checking it (not recommended)")
     p.add_argument("--no-rollback", action="store_true", help="fail instead of dropping a rewrite that fails verification")
     p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
