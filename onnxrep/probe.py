@@ -121,13 +121,14 @@ class Submodel:
         outs = []
         for start in range(0, len(xs), step):
             chunk = xs[start : start + step]
-            if len(chunk) != step:
-                raise Decline("input count does not fit the region's static batch")
+            n = len(chunk)
+            if n < step:  # a static batch: fill the last chunk with zero images
+                chunk = np.concatenate([chunk, np.zeros((step - n,) + chunk.shape[1:], chunk.dtype)])
             feed = {self.x.name: chunk}
             for s in self.sources:
-                feed[s.name] = self._source_feed(s, len(chunk))
+                feed[s.name] = self._source_feed(s, step)
             try:
-                outs.append(self.session.run([self.y.name], feed)[0])
+                outs.append(self.session.run([self.y.name], feed)[0][:n])
             except Exception as exc:
                 raise Decline(f"the region failed on probe inputs ({str(exc).strip().splitlines()[0][:120]})") from None
         return np.concatenate(outs, axis=0)

@@ -31,6 +31,7 @@ from .parallel_add import Leaf, _read_leaf
 class ConcatMatch:
     node: object
     runs: List[List[Leaf]]  # runs of operands merged into one conv each
+    starts: List[int]  # operand index where each run starts
     params: List[ConvParams]
     dtype: object
 
@@ -63,22 +64,35 @@ class MergeParallelConcat(Rule):
         runs = [r for r in runs if len(r) >= 2 and any(leaf.conv is not None for leaf in r)]
         if not runs:
             return None
+        position = {id(leaf): i for i, leaf in enumerate(leaves)}
         params, reasons, kept = [], [], []
         for run in runs:
             try:
                 branches = [leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, 1) for leaf in run]
-                params.append(concat_parallel(branches, ctx.allow_growth, spatial_hw(run[0].base)))
-                kept.append(run)
+                fused = concat_parallel(branches, ctx.allow_growth, spatial_hw(run[0].base))
             except Decline as exc:
                 reasons.append(f"operands on '{run[0].base.name}': {exc}")
+                continue
+            # Same output pixels for every branch: MACs compare as weight sizes. Identity and
+            # BN-only operands cost none before; grouped branches may only merge densely.
+            before = sum(leaf.conv.weight.size for leaf in run if leaf.conv is not None)
+            if fused.weight.size > before and not ctx.allow_growth:
+                reasons.append(
+                    f"operands on '{run[0].base.name}': one conv would need {fused.weight.size} weights per "
+                    f"output pixel, the branches {before}: more MACs (--allow-growth allows it)"
+                )
+                continue
+            params.append(fused)
+            kept.append((position[id(run[0])], run))
         if not kept:
             return "; ".join(reasons)
-        region = [node] + [n for run in kept for leaf in run for n in leaf.nodes]
+        region = [node] + [n for _, run in kept for leaf in run for n in leaf.nodes]
         reason = g.escapes(region, keep=node.outputs)
         if reason:
             return f"branch output escapes: {reason}"
-        conv = next(n for leaf in kept[0] for n in leaf.nodes if n.op == "Conv")
-        return ConcatMatch(node, kept, params, conv.inputs[1].values.dtype)
+        conv = next(n for leaf in kept[0][1] for n in leaf.nodes if n.op == "Conv")
+        return ConcatMatch(node, [run for _, run in kept], [start for start, _ in kept], params,
+                           conv.inputs[1].values.dtype)
 
     def rewrite(self, ctx: Context, m: ConcatMatch) -> Rewrite:
         g = ctx.graph
@@ -88,9 +102,9 @@ class MergeParallelConcat(Rule):
         g.remove([m.node] + [n for run in m.runs for leaf in run for n in leaf.nodes])
         whole = len(m.runs) == 1 and len(m.runs[0]) == len(operands)
         created, new_inputs, i = [], [], 0
-        starts = {id(run[0].tensor): (run, p) for run, p in zip(m.runs, m.params)}
+        starts = {start: (run, p) for start, run, p in zip(m.starts, m.runs, m.params)}
         while i < len(operands):
-            hit = starts.get(id(operands[i]))
+            hit = starts.get(i)
             if hit is None:
                 new_inputs.append(operands[i])
                 i += 1

@@ -239,8 +239,9 @@ def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
 
 
 def _covers(big: ConvParams, small: ConvParams) -> bool:
-    """Same stride and groups, and big's input window contains small's on both axes."""
-    if big.strides != small.strides or big.group != small.group:
+    """Same stride, groups and channels (so the two can merge), and big's input window
+    contains small's on both axes."""
+    if big.strides != small.strides or big.group != small.group or big.weight.shape[:2] != small.weight.shape[:2]:
         return False
     for axis in (0, 1):
         b0, s0 = -big.pads[axis], -small.pads[axis]

@@ -1,0 +1,165 @@
+"""collapse_affine_region: any region affine in one activation -> one Conv (impulse probes),
+and the regions that must stay."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnxrep
+from helpers import GraphBuilder, assert_same_outputs, ops
+
+RULE = ["collapse_affine_region"]
+BORDER = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+
+
+def conv_dims(model):
+    inits = {i.name: i for i in model.graph.initializer}
+    return [list(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "Conv"]
+
+
+def transposed_there_and_back(b, y):
+    return b.node("Transpose", [b.node("Transpose", [y], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+
+
+def border_indices(n, c, h, w):
+    """ScatterND indices [k, 4] of every border pixel of an [n, c, h, w] tensor."""
+    grid = np.stack(np.meshgrid(np.arange(n), np.arange(c), np.arange(h), np.arange(w), indexing="ij"), -1)
+    border = np.zeros((h, w), bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    return grid[:, :, border].reshape(-1, 4).astype(np.int64)
+
+
+def dbb_block(batch=1, spelling="scatter", h=8, w=7):
+    """DBB's 1x1 -> BN-and-pad -> AvgPool branch plus a parallel 3x3, with the border written
+    with the 1x1 conv's bias: as Pad + ScatterND (dynamo) or as pad(y - v) + v."""
+    b = GraphBuilder([batch, 4, h, w])
+    bias = b.rand(6)
+    y = b.node("Conv", [b.x, b.const(b.rand(6, 4, 1, 1)), b.const(bias)], kernel_shape=[1, 1])
+    if spelling == "scatter":
+        idx = border_indices(batch, 6, h + 2, w + 2)
+        p = b.node("Pad", [y, b.const(BORDER)])
+        p = b.node("ScatterND", [p, b.const(idx), b.const(bias[idx[:, 1]])])
+    else:
+        v = b.const(bias.reshape(1, 6, 1, 1))
+        p = b.node("Add", [b.node("Pad", [b.node("Sub", [y, v]), b.const(BORDER)]), v])
+    avg = b.node("AveragePool", [p], kernel_shape=[3, 3])
+    return b.build(b.add(avg, b.conv(b.x, 4, 6, k=3)))
+
+
+# ---- collapses -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_through_transposes_is_one_conv(stride):
+    b = GraphBuilder(["N", 4, 9, 8])
+    model = b.build(transposed_there_and_back(b, b.conv(b.x, 4, 6, k=3, stride=stride)))
+    for out, report in (onnxrep.optimize(model, only=RULE), onnxrep.optimize(model)):
+        assert ops(out) == {"Conv": 1}
+        assert conv_dims(out) == [[6, 4, 3, 3]]
+        assert report.rules_applied() == {"collapse_affine_region": 1}
+        assert report.verification.ok
+        assert_same_outputs(model, out, batch=2)
+
+
+def test_dbb_border_written_by_scatternd_is_one_conv():
+    model = dbb_block()
+    for out, report in (onnxrep.optimize(model, only=RULE), onnxrep.optimize(model)):
+        assert ops(out) == {"Conv": 1}
+        assert conv_dims(out) == [[6, 4, 3, 3]]
+        assert report.rules_applied() == {"collapse_affine_region": 1}
+        assert_same_outputs(model, out)
+
+
+def test_dbb_border_written_as_pad_sub_add_is_one_conv_by_the_fallback_alone():
+    model = dbb_block(spelling="padsub")
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == {"Conv": 1}
+    assert conv_dims(out) == [[6, 4, 3, 3]]
+    assert report.rules_applied() == {"collapse_affine_region": 1}
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_dbb_border_with_static_batch_above_one_is_one_conv(batch):
+    """A static batch > 1 must not stop the fallback: the probes have to be padded to a
+    multiple of the batch (and the random check too) instead of declining."""
+    model = dbb_block(batch=batch)
+    out, report = onnxrep.optimize(model, only=RULE)
+    declines = [d.reason for d in report.declines]
+    assert ops(out) == {"Conv": 1}, f"the fallback declined with a static batch of {batch}: {declines}"
+    assert_same_outputs(model, out)
+
+
+# ---- declines --------------------------------------------------------------------------
+
+
+def test_relu_inside_stays():
+    b = GraphBuilder([1, 4, 8, 7])
+    p = b.node("Pad", [b.conv(b.x, 4, 6, k=1), b.const(BORDER)])
+    avg = b.node("AveragePool", [b.node("Relu", [p])], kernel_shape=[3, 3])
+    model = b.build(b.add(avg, b.conv(b.x, 4, 6, k=3)))
+    out, report = onnxrep.optimize(model)
+    assert ops(out) == ops(model)
+    assert report.rewrites == []
+    assert any(d.rule == "collapse_affine_region" and "reads 2 activations" in d.reason for d in report.declines)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("where", ["chain", "branch"])
+def test_product_of_activations_stays(where):
+    b = GraphBuilder([1, 4, 8, 7])
+    if where == "chain":
+        c = b.conv(b.x, 4, 6, k=3)
+        y = transposed_there_and_back(b, b.node("Mul", [c, c]))
+    else:
+        y = b.add(b.node("Mul", [b.conv(b.x, 4, 6, k=3), b.conv(b.x, 4, 6, k=1)]), b.conv(b.x, 4, 6, k=3))
+    model = b.build(y)
+    out, report = onnxrep.optimize(model)
+    assert ops(out) == ops(model)
+    assert report.rewrites == []
+    assert_same_outputs(model, out)
+
+
+def test_spatially_varying_bias_declines():
+    b = GraphBuilder([1, 4, 8, 7])
+    model = b.build(b.node("Add", [b.conv(b.x, 4, 6, k=3), b.const(b.rand(1, 6, 8, 7))]))
+    for out, report in (onnxrep.optimize(model, only=RULE), onnxrep.optimize(model)):
+        assert ops(out) == ops(model)
+        assert any("varies over space" in d.reason for d in report.declines), report.declines
+        assert_same_outputs(model, out)
+
+
+def test_dearer_region_declines_unless_allow_growth():
+    # BSConv-U: 1x1 then depthwise 3x3 is cheaper than the dense 3x3 it equals.
+    b = GraphBuilder([1, 8, 8, 8])
+    model = b.build(b.conv(b.conv(b.x, 8, 8, k=1, bias=False), 8, 8, k=3, group=8))
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == ops(model)
+    assert any("MACs" in d.reason for d in report.declines), report.declines
+    grown, report = onnxrep.optimize(model, only=RULE, allow_growth=True)
+    assert ops(grown) == {"Conv": 1}
+    assert conv_dims(grown) == [[8, 8, 3, 3]]
+    assert report.rules_applied() == {"collapse_affine_region": 1}
+    assert_same_outputs(model, grown)
+
+
+def test_region_reading_two_activations_declines():
+    b = GraphBuilder([1, 4, 8, 7])
+    b.inputs.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 8, 7]))
+    model = b.build(b.add(b.conv(b.x, 4, 6, k=3), b.conv("z", 4, 6, k=1)))
+    for out, report in (onnxrep.optimize(model, only=RULE), onnxrep.optimize(model)):
+        assert ops(out) == ops(model)
+        assert any("reads 2 activations" in d.reason for d in report.declines), report.declines
+        assert_same_outputs(model, out)
+
+
+def test_avgpool_excluding_pads_is_not_translation_equivariant():
+    b = GraphBuilder([1, 4, 8, 7])
+    avg = b.node("AveragePool", [b.conv(b.x, 4, 6, k=1, bias=False)], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                 count_include_pad=0)
+    model = b.build(b.add(avg, b.conv(b.x, 4, 6, k=3)))
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == ops(model)
+    assert any("no conv reproduces it" in d.reason for d in report.declines), report.declines
+    assert_same_outputs(model, out)
