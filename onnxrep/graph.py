@@ -82,11 +82,13 @@ class RepGraph:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self._names = set()
-        for node in graph.nodes:
-            if node.name:
+        stack = [graph]
+        while stack:  # names inside If/Loop/Scan bodies too: a new name must not shadow them
+            g = stack.pop()
+            self._names.update(g.tensors().keys())
+            for node in g.nodes:
                 self._names.add(node.name)
-        for name in graph.tensors().keys():
-            self._names.add(name)
+                stack.extend(a for a in node.attrs.values() if isinstance(a, gs.Graph))
         self._output_names = {t.name for t in graph.outputs}
 
     # ---- names and construction -----------------------------------------------------

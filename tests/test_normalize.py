@@ -71,3 +71,27 @@ def test_metadata_and_doc_strings_are_preserved():
     assert out.producer_name == "pytorch"
     assert {p.key: p.value for p in out.metadata_props} == {"author": "someone"}
     assert out.ir_version == model.ir_version
+
+
+def test_if_subgraphs_are_left_untouched_and_verified():
+    b = GraphBuilder([1, 4, 6, 6])
+    w = b.rand(4, 4, 3, 3)
+    then_nodes = GraphBuilder([1, 4, 6, 6])  # borrow its BN/Conv builders for the branch body
+    then_y = then_nodes.bn(then_nodes.conv(b.x, 4, 4, k=3, weight=w), 4)
+    elem = onnx.TensorProto.FLOAT
+    then_graph = helper.make_graph(then_nodes.nodes, "then", [], [helper.make_tensor_value_info(then_y, elem, [1, 4, 6, 6])],
+                                   then_nodes.inits)
+    else_graph = helper.make_graph([helper.make_node("Relu", [b.x], ["else_y"])], "else", [],
+                                   [helper.make_tensor_value_info("else_y", elem, [1, 4, 6, 6])])
+    b.inputs.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    y = b.node("If", ["cond"], then_branch=then_graph, else_branch=else_graph)
+    model = b.build(b.add(b.conv(b.x, 4, 4, k=3), b.conv(b.x, 4, 4, k=1), y), output_shape=[1, 4, 6, 6])
+    out, report = onnxrep.optimize(model)
+    assert report.verification.ok
+    assert ops(out) == {"Conv": 1, "Add": 1, "If": 1}
+    branch = next(a.g for n in out.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert sorted(n.op_type for n in branch.node) == ["BatchNormalization", "Conv"]
+    for cond in (True, False):
+        feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32), "cond": np.array(cond)}
+        from helpers import run
+        np.testing.assert_allclose(run(model, feeds)[0], run(out, feeds)[0], rtol=1e-4, atol=1e-5)
