@@ -3,6 +3,7 @@ back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cl
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
@@ -51,6 +52,17 @@ def optimize(
         (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
         no verified result can be produced.
     """
+    gc_enabled = gc.isenabled()
+    gc.disable()  # graphs are millions of small objects: collect at stage boundaries instead
+    try:
+        return _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
+    finally:
+        gc.collect()
+        if gc_enabled:
+            gc.enable()
+
+
+def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback):
     t0 = time.perf_counter()
     external = False
     if isinstance(model, str):
@@ -76,7 +88,10 @@ def optimize(
         if not known_shapes:  # shapes after constant folding: complete where inference alone is not
             known_shapes.update(tensor_shapes(graph, original, shapes))
         result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=allow_growth), rules, deny, limit)
-        return export(graph, original), result
+        candidate = export(graph, original)
+        del graph
+        gc.collect()
+        return candidate, result
 
     t1 = time.perf_counter()
     candidate, result = build(frozenset())

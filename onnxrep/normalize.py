@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, shape_inference
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import OnnxrepError
@@ -85,12 +86,8 @@ def default_opset(model: onnx.ModelProto) -> Optional[int]:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes."""
-    try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # keep going without intermediate shapes
-        log.debug("shape inference failed: %s", exc)
-        inferred = model
-    graph = gs.import_onnx(inferred)
+    graph = gs.import_onnx(model)
+    infer_shapes(graph)
     used = {n.name for n in graph.nodes if n.name}
     counter = 0
     for node in graph.nodes:
@@ -102,36 +99,74 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+_LIGHT_TENSOR = 4096  # constants up to this many elements keep their values for inference
+
+
+def infer_shapes(graph: gs.Graph) -> None:
+    """Run ONNX shape inference and write the shapes onto the graph's tensors.
+
+    Inference runs on a light copy: small constants (shapes, pads, axes) keep their values,
+    weights are declared by type and shape only, so large models are never serialized whole.
+    Tensors inference cannot size keep the shape they had.
+    """
+    tensors = graph.tensors()
+    light = onnx.ModelProto()
+    light.ir_version = 10
+    light.opset_import.extend(graph.import_domains or [helper.make_opsetid("", graph.opset)])
+    light.graph.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    light.graph.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    light.graph.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    for name, t in tensors.items():
+        if not isinstance(t, gs.Constant) or not name:
+            continue
+        if t.values.size <= _LIGHT_TENSOR:
+            light.graph.initializer.append(OnnxExporter.export_tensor_proto(t))
+        else:
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            light.graph.input.append(helper.make_tensor_value_info(name, elem, list(t.shape)))
+    try:
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as exc:  # keep going with the shapes we have
+        log.debug("shape inference failed: %s", exc)
+        return
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = tensors.get(vi.name)
+        ttype = vi.type.tensor_type
+        if not isinstance(t, gs.Variable) or not ttype.HasField("shape"):
+            continue
+        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        if t.dtype is None and ttype.elem_type:
+            t.dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+
+
 def normalize(graph: gs.Graph) -> gs.Graph:
     """The graph in the canonical form the rules expect (see module docstring).
 
     Shapes are inferred again after folding: pads and shapes that were computed in the graph
     are constants now, so intermediate shapes that inference could not size become known.
+    Returns the graph (the same object).
     """
     for _ in range(3):
         before = len(graph.nodes)
         _castlike_to_cast(graph)
         graph.toposort()
-        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None)
-        graph.cleanup(remove_unused_graph_inputs=False)
+        if _foldable(graph):
+            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None)
+            graph.cleanup(remove_unused_graph_inputs=False)
         _remove_identities(graph)
         if len(graph.nodes) == before:
             break
     graph.toposort()
-    return _reinfer_shapes(graph)
+    infer_shapes(graph)
+    return graph
 
 
-def _reinfer_shapes(graph: gs.Graph) -> gs.Graph:
-    boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for name, t in graph.tensors().items():
-        if isinstance(t, gs.Variable) and name not in boundary:
-            t.shape = None
-    model = gs.export_onnx(graph, do_type_check=False)
-    try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        log.debug("shape inference after folding failed: %s", exc)
-    return gs.import_onnx(model)
+def _foldable(graph: gs.Graph) -> bool:
+    """Whether constant folding could change anything (it copies the whole graph to find out)."""
+    for node in graph.nodes:
+        if node.op in ("Shape", "Size", "Constant") or all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            return True
+    return False
 
 
 def _castlike_to_cast(graph: gs.Graph) -> None:

@@ -101,7 +101,9 @@ class CollapseAffineRegion(Rule):
 
     def match(self, ctx: Context, node):
         g = ctx.graph
-        kinds = _Kinds()
+        # One classification for the whole run: rewrites keep every surviving tensor's kind and
+        # never reuse a name, and a fresh one per match would re-walk the graph to its inputs.
+        kinds = ctx.memo.setdefault("tensor_kinds", _Kinds())
         if len(node.outputs) != 1 or kinds(node.outputs[0]) != "value" or not _affine_node(node, kinds):
             return None
         y = node.outputs[0]
