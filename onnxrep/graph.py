@@ -241,6 +241,13 @@ class RepGraph:
         }
         return self.add_node("Conv", base, [x, w, b], [y], attrs)
 
+    def repad_conv(self, conv: gs.Node, pads, x: Tensor, y: Tensor) -> gs.Node:
+        """A copy of ``conv`` reading ``x`` and writing ``y`` with explicit ``pads``; its weight
+        tensors are reused untouched (only the geometry changes)."""
+        attrs = {k: v for k, v in conv.attrs.items() if k != "auto_pad"}
+        attrs["pads"] = [int(p) for p in pads]
+        return self.add_node("Conv", conv.name, [x, *conv.inputs[1:]], [y], attrs)
+
     def read_batchnorm(self, node: gs.Node):
         """(scale, shift) of an inference-mode BatchNormalization, or the reason it has none."""
         if int(node.attrs.get("training_mode", 0)) != 0:

@@ -64,9 +64,7 @@ class FoldBorderPadIntoConv(Rule):
 
     def rewrite(self, ctx: Context, m: BorderMatch) -> Rewrite:
         g = ctx.graph
-        attrs = {k: v for k, v in m.conv.attrs.items() if k != "auto_pad"}
-        attrs["pads"] = list(m.params.pads)
-        new = g.add_node("Conv", m.conv.name, list(m.conv.inputs), list(m.pad.outputs), attrs)
+        new = g.repad_conv(m.conv, m.params.pads, m.conv.inputs[0], m.pad.outputs[0])
         g.remove([m.conv, m.pad])
         return Rewrite(self.name, m.pad.name, (m.conv.name, m.pad.name), (new.name,),
                        f"border {tuple(m.params.pads)} now padded by the 1x1 conv itself")

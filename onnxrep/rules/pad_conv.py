@@ -96,10 +96,7 @@ class FoldPadIntoConv(Rule):
         created = []
         for conv in m.convs:
             p = pad_into_conv(g.read_conv(conv), *m.spatial)
-            attrs = {k: v for k, v in conv.attrs.items() if k != "auto_pad"}
-            attrs["pads"] = list(p.pads)
-            # Weights are reused untouched: only the geometry changes.
-            new = g.add_node("Conv", conv.name, [x, *conv.inputs[1:]], list(conv.outputs), attrs)
+            new = g.repad_conv(conv, p.pads, x, conv.outputs[0])
             created.append(new.name)
         g.remove([m.pad, *m.convs])
         return Rewrite(self.name, m.pad.name, (m.pad.name, *(c.name for c in m.convs)), tuple(created),
