@@ -229,9 +229,13 @@ class RepGraph:
             return f"AveragePool '{node.name}': {exc}"
 
     def write_conv(self, base: str, params: ConvParams, x: Tensor, y: Tensor, dtype) -> gs.Node:
-        """A new Conv node computing ``y`` from ``x`` with ``params`` (values cast to ``dtype``)."""
-        w = self.constant(f"{base}.weight", params.weight, dtype)
-        b = self.constant(f"{base}.bias", params.bias, dtype)
+        """A new Conv node computing ``y`` from ``x`` with ``params`` (values cast to ``dtype``).
+
+        An all-zero bias is left out: it would cost an addition per output for nothing.
+        """
+        inputs = [x, self.constant(f"{base}.weight", params.weight, dtype)]
+        if np.any(np.asarray(params.bias) != 0):
+            inputs.append(self.constant(f"{base}.bias", params.bias, dtype))
         attrs = {
             "kernel_shape": list(params.kernel_shape),
             "strides": list(params.strides),
@@ -239,7 +243,7 @@ class RepGraph:
             "dilations": list(params.dilations),
             "group": int(params.group),
         }
-        return self.add_node("Conv", base, [x, w, b], [y], attrs)
+        return self.add_node("Conv", base, inputs, [y], attrs)
 
     def repad_conv(self, conv: gs.Node, pads, x: Tensor, y: Tensor) -> gs.Node:
         """A copy of ``conv`` reading ``x`` and writing ``y`` with explicit ``pads``; its weight

@@ -1,8 +1,9 @@
 """Model statistics for the report: nodes, Conv count, parameters and FLOPs.
 
 FLOPs are counted at the resolved input shapes (batch 1 unless given): 2 per multiply-add for
-Conv, ConvTranspose, Gemm and MatMul (plus one per output element for a bias), one per output
-element for every other compute op (BatchNormalization: two). Shape-only ops (Shape, Reshape,
+Conv, ConvTranspose, Gemm and MatMul (plus one per output element for a bias), one per tap and
+output element for pooling, one per output element for every other compute op
+(BatchNormalization: two). kernels.layer_flops costs rewrites the same way. Shape-only ops (Shape, Reshape,
 Constant, ...) cost nothing. Parameters are the elements of all float initializers and
 Constant node values.
 """
@@ -118,6 +119,8 @@ def _node_flops(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> int:
         return 2 * out * int(k) + (out if op == "Gemm" and len(node.input) > 2 and node.input[2] else 0)
     if op == "BatchNormalization":
         return 2 * out
+    if op in ("AveragePool", "MaxPool", "LpPool"):
+        return out * int(np.prod(_attr(node, "kernel_shape", [1])))
     return out
 
 

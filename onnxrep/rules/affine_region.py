@@ -15,7 +15,7 @@ x with static C, H, W. The region is cut out as a sub-model and run in onnxrunti
 * an impulse per input channel and stride residue gives the kernel taps
   (kernels.kernel_from_impulses);
 * the recovered conv is accepted only if two random full-resolution inputs give the region's
-  output within 2e-5 of its magnitude, and only if it costs fewer MACs than the region.
+  output within 2e-5 of its magnitude, and only if it costs no more FLOPs than the region.
 
 Anything non-affine (Relu, x*x), a spatially varying bias, a non-translation-equivariant map or
 a dearer result declines.
@@ -30,9 +30,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import channels_of, const_value, producer, spatial_hw, static_shape
-from ..kernels import ConvParams, Decline, conv_macs, impulse_positions, kernel_from_impulses
+from ..kernels import ConvParams, Decline, impulse_positions, kernel_from_impulses, layer_flops
 from ..passes import Context, Rewrite, Rule
 from ..probe import Submodel, toposort
+from ..stats import FREE_OPS
 
 ALL = None  # every input may carry the activation
 #: op -> input positions that may depend on the activation (others: constants or shape-derived)
@@ -89,8 +90,8 @@ class RegionMatch:
     nodes: List[object]
     x: object
     fused: ConvParams
-    region_macs: int
-    fused_macs: int
+    region_flops: int
+    fused_flops: int
 
 
 class CollapseAffineRegion(Rule):
@@ -145,13 +146,12 @@ class CollapseAffineRegion(Rule):
             fused = _recover(sub, c_in, hw_in, strides, c_out)
         except Decline as exc:
             return f"region of {len(nodes)} nodes ending at '{anchor.name}': {exc}"
-        hw_out = spatial_hw(y)
-        region_macs = sum(_node_macs(g, n) for n in nodes)
-        fused_macs = conv_macs(fused, hw_out)
-        if fused_macs > region_macs and not ctx.allow_growth:
+        region_flops = sum(_node_flops(g, n) for n in nodes)
+        fused_flops = layer_flops(fused, spatial_hw(y))
+        if fused_flops > region_flops and not ctx.allow_growth:
             return (f"region of {len(nodes)} nodes ending at '{anchor.name}': one conv would cost "
-                    f"{fused_macs} MACs, the region {region_macs}")
-        return RegionMatch(anchor, nodes, x, fused, region_macs, fused_macs)
+                    f"{fused_flops} FLOPs, the region {region_flops}")
+        return RegionMatch(anchor, nodes, x, fused, region_flops, fused_flops)
 
     def rewrite(self, ctx: Context, m: RegionMatch) -> Rewrite:
         g = ctx.graph
@@ -162,7 +162,7 @@ class CollapseAffineRegion(Rule):
         ops = sorted({n.op for n in m.nodes})
         return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), (new.name,),
                        f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}, "
-                       f"MACs {m.region_macs} -> {m.fused_macs}")
+                       f"FLOPs {m.region_flops} -> {m.fused_flops}")
 
 
 def _affine_node(node, kinds) -> bool:
@@ -288,14 +288,16 @@ def _recover(sub, c_in: int, hw, strides, c_out: int) -> ConvParams:
     return fused
 
 
-def _node_macs(g, node) -> int:
+def _node_flops(g, node) -> int:
+    """FLOPs of one region node, counted as onnxrep.stats counts them."""
     if node.op in ("Conv", "AveragePool"):
         p = g.read_linear(node)
         hw = spatial_hw(node.outputs[0])
         if not isinstance(p, str) and hw is not None:
-            return conv_macs(p, hw)
-    if node.op in ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Neg"):
-        shape = static_shape(node.outputs[0])
-        if shape and all(isinstance(d, int) for d in shape[1:]):
-            return int(np.prod(shape[1:]))
+            return layer_flops(p, hw, pool=node.op == "AveragePool")
+    if node.op in FREE_OPS:
+        return 0
+    shape = static_shape(node.outputs[0])
+    if shape and all(isinstance(d, int) for d in shape[1:]):
+        return int(np.prod(shape[1:])) * (2 if node.op == "BatchNormalization" else 1)
     return 0

@@ -10,7 +10,9 @@ output with the value of its bias is the same as padding its input with zeros (D
 "BN then pad with the BN output of a zero input" appears once the BN is folded; written as
 pad(y - v) + v the Sub folds first (bias b - v ~ 0, pad value 0) and the Add after. With the
 border inside conv1, a following unpadded KxK composes exactly (compose_sequential_convs).
-The bias must match c within float32 rounding (|b - c| <= 1e-6 * max(1, |b|, |c|)).
+The bias must match c within float32 rounding (|b - c| <= 1e-6 * max(1, |b|, |c|)), and the
+layer after the border must then compose with the 1x1 without raising FLOPs: otherwise the move
+would only make the 1x1 run on a larger canvas.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import producer
-from ..kernels import ConvParams, pad_into_conv
+from ..graph import producer, spatial_hw, static_shape
+from ..kernels import ConvParams, layer_flops, pad_into_conv
 from ..passes import Context, Rewrite, Rule
 from .pad_conv import _pads_of
+from .sequential import LINEAR, judge_composition
 
 BIAS_RTOL = 1e-6
 
@@ -60,7 +63,11 @@ class FoldBorderPadIntoConv(Rule):
         if np.max(np.abs(bias - value)) > tol:
             return (f"Pad '{node.name}' border value {value:g} is not the bias of Conv '{conv.name}' "
                     f"(max |b - c| {np.max(np.abs(bias - value)):.2e})")
-        return BorderMatch(node, conv, pad_into_conv(p, pads[2], pads[3], pads[6], pads[7]))
+        padded = pad_into_conv(p, pads[2], pads[3], pads[6], pads[7])
+        reason = _composes_next(ctx, node, conv, p, padded)
+        if reason:
+            return f"Pad '{node.name}': {reason}"
+        return BorderMatch(node, conv, padded)
 
     def rewrite(self, ctx: Context, m: BorderMatch) -> Rewrite:
         g = ctx.graph
@@ -68,3 +75,31 @@ class FoldBorderPadIntoConv(Rule):
         g.remove([m.conv, m.pad])
         return Rewrite(self.name, m.pad.name, (m.conv.name, m.pad.name), (new.name,),
                        f"border {tuple(m.params.pads)} now padded by the 1x1 conv itself")
+
+
+def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams):
+    """Why moving the border into the 1x1 would not pay, or None.
+
+    On its own the move makes the 1x1 run on the larger canvas; it pays only when the layer
+    after the border (past per-channel affine ops) then composes with the 1x1 at no more
+    FLOPs than 1x1 + Pad + that layer cost now.
+    """
+    g = ctx.graph
+    t = pad.outputs[0]
+    nxt = g.sole_consumer(t)
+    while nxt is not None and nxt.op not in LINEAR:
+        affine = g.read_channel_affine(nxt)
+        if affine is None or affine[0] is not t:
+            return "the border does not lead straight to a conv"
+        t = nxt.outputs[0]
+        nxt = g.sole_consumer(t)
+    if nxt is None or nxt.inputs[0] is not t:
+        return "the border does not lead straight to a conv"
+    p2 = g.read_linear(nxt)
+    if isinstance(p2, str):
+        return p2
+    pad_flops = int(np.prod(static_shape(pad.outputs[0])[1:])) if spatial_hw(pad.outputs[0]) else 0
+    before = (layer_flops(p, spatial_hw(conv.outputs[0]) or (1, 1)) + pad_flops
+              + layer_flops(p2, spatial_hw(nxt.outputs[0]) or (1, 1), pool=nxt.op == "AveragePool"))
+    verdict = judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)
+    return verdict if isinstance(verdict, str) else None

@@ -16,7 +16,7 @@ merge_horizontal_convs (late; TVM CombineParallelConv2D, TensorRT)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List
 
 import numpy as np
@@ -154,7 +154,10 @@ class MergeHorizontalConvs(Rule):
         dtypes = {c.inputs[1].values.dtype for c, _ in same}
         if len(dtypes) != 1:
             return None
-        fused = concat_parallel([p for _, p in same], allow_growth=False, input_hw=spatial_hw(x))
+        # Identical windows: the weights stack along Cout as they are (dilation kept).
+        first_p = same[0][1]
+        fused = replace(first_p, weight=np.concatenate([np.asarray(p.weight, np.float64) for _, p in same]),
+                        bias=np.concatenate([np.asarray(p.bias, np.float64) for _, p in same]))
         return HorizontalMatch([c for c, _ in same], fused, dtypes.pop())
 
     def rewrite(self, ctx: Context, m: HorizontalMatch) -> Rewrite:

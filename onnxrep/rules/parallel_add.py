@@ -141,8 +141,15 @@ class MergeParallelAdd(Rule):
 
 
 def _same_shape(a, b) -> bool:
+    """Equal shapes; two symbolic batch dims count as equal whatever their names (shape
+    inference invents names such as 'unk__0' for a batch it carried through some ops)."""
     sa, sb = static_shape(a), static_shape(b)
-    return sa is not None and sa == sb
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(
+        x == y or (axis == 0 and isinstance(x, str) and isinstance(y, str))
+        for axis, (x, y) in enumerate(zip(sa, sb))
+    )
 
 
 def _flatten(g, root):
@@ -201,6 +208,14 @@ def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:
         leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, group) for leaf in leaves
     ]
     fused = merge_parallel(params, allow_growth=ctx.allow_growth, input_hw=spatial_hw(leaves[0].base))
+    # All branches produce the same pixels, so MACs compare as weight sizes; identity and BN-only
+    # branches cost none. A dilated kernel placed densely pays for its holes.
+    before = sum(leaf.conv.weight.size for leaf in convs)
+    if fused.weight.size > before and not ctx.allow_growth:
+        raise Decline(
+            f"one conv would need {fused.weight.size} weights per output pixel, the branches {before}: "
+            "more MACs (--allow-growth allows it)"
+        )
     dtype = next(n for n in convs[0].nodes if n.op == "Conv").inputs[1].values.dtype
     return Merge(leaves[0].base, leaves, fused, dtype)
 

@@ -14,8 +14,8 @@ After:   x -> Conv (W, b) -> y
 * AveragePool is the depthwise conv with taps 1/k^2 (exact with zero pads or
   count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (DESIGN 3.6, 3.7)
 
-Cost: composing a 1x1 with a depthwise KxK (BSConv-U) or two 1x1s through a thin middle
-(BSConv-S) multiplies FLOPs. Such a composition is declined unless ``allow_growth``, or unless
+Cost (FLOPs as onnxrep.stats counts them, kernels.layer_flops): composing a 1x1 with a
+depthwise KxK (BSConv-U) or two 1x1s through a thin middle (BSConv-S) multiplies FLOPs. Such a composition is declined unless ``allow_growth``, or unless
 the result is absorbed: it feeds (through per-channel affine ops) an Add whose other branch on
 the same input already reads a window that covers it, so merge_parallel_add makes it free.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..graph import producer, spatial_hw
-from ..kernels import ConvParams, Decline, compose_sequential, conv_macs
+from ..kernels import ConvParams, Decline, compose_sequential, layer_flops
 from ..passes import Context, Rewrite, Rule
 from .parallel_add import covered_by_sibling
 
@@ -57,20 +57,11 @@ class ComposeSequentialConvs(Rule):
         for p in (p1, p2):
             if isinstance(p, str):
                 return p
-        try:
-            fused = compose_sequential(p1, p2)
-        except Decline as exc:
-            return f"'{first.name}' -> '{node.name}': {exc}"
-        before = _macs(p1, first.outputs[0]) + _macs(p2, node.outputs[0])
-        after = _macs(fused, node.outputs[0])
-        note = ""
-        if after > before and not ctx.allow_growth:
-            if not covered_by_sibling(g, node.outputs[0], first.inputs[0], fused):
-                return (
-                    f"'{first.name}' -> '{node.name}': composing would raise MACs from {before} to {after} "
-                    "(--allow-growth allows it)"
-                )
-            note = " (absorbed by a parallel branch)"
+        before = _flops(p1, first.outputs[0], first.op) + _flops(p2, node.outputs[0], node.op)
+        verdict = judge_composition(ctx, p1, p2, node.outputs[0], first.inputs[0], before)
+        if isinstance(verdict, str):
+            return f"'{first.name}' -> '{node.name}': {verdict}"
+        fused, note = verdict
         conv = first if first.op == "Conv" else node
         return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note)
 
@@ -83,6 +74,21 @@ class ComposeSequentialConvs(Rule):
                        f"{m.first.op} -> {m.second.op} = conv{kh}x{kw}{m.note}")
 
 
-def _macs(p: ConvParams, out) -> int:
+def judge_composition(ctx: Context, p1: ConvParams, p2: ConvParams, out, x, before: int):
+    """(fused, note) when conv2(conv1(x)) -> ``out`` composes exactly without costing more
+    FLOPs than ``before`` (or the growth is absorbed by a parallel branch), else the reason."""
+    try:
+        fused = compose_sequential(p1, p2)
+    except Decline as exc:
+        return str(exc)
+    after = _flops(fused, out, "Conv")
+    if after <= before or ctx.allow_growth:
+        return fused, ""
+    if covered_by_sibling(ctx.graph, out, x, fused):
+        return fused, " (absorbed by a parallel branch)"
+    return f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)"
+
+
+def _flops(p: ConvParams, out, op: str) -> int:
     hw = spatial_hw(out)
-    return conv_macs(p, hw if hw is not None else (1, 1))
+    return layer_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")

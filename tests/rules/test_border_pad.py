@@ -13,16 +13,27 @@ def _pads(b, p=1):
     return b.const(np.array([0, 0, p, p, 0, 0, p, p], np.int64))
 
 
-def test_pad_with_the_bias_value_moves_into_the_1x1():
+def test_pad_with_the_bias_value_moves_into_the_1x1_when_the_next_conv_composes():
     b = GraphBuilder([1, 4, 6, 6])
     w = b.rand(5, 4, 1, 1)
     c = b.node("Conv", [b.x, b.const(w), b.const(np.full(5, 0.75, np.float32))])
     y = b.node("Pad", [c, _pads(b), b.const(np.array(0.75, np.float32))])
-    model = b.build(y)
-    out, report = onnxrep.optimize(model, only=["fold_border_pad_into_conv"])
+    model = b.build(b.conv(y, 5, 5, k=3, pad=0))
+    out, report = onnxrep.optimize(model, only=["fold_border_pad_into_conv", "compose_sequential_convs"])
     assert ops(out) == {"Conv": 1}
-    assert report.rules_applied() == {"fold_border_pad_into_conv": 1}
+    assert report.rules_applied() == {"fold_border_pad_into_conv": 1, "compose_sequential_convs": 1}
     assert_same_outputs(model, out)
+
+
+def test_border_with_nothing_to_compose_stays():
+    # Moving the border into the 1x1 alone would only make it run on the larger canvas.
+    b = GraphBuilder([1, 4, 6, 6])
+    c = b.node("Conv", [b.x, b.const(b.rand(5, 4, 1, 1)), b.const(np.full(5, 0.75, np.float32))])
+    y = b.node("Pad", [c, _pads(b), b.const(np.array(0.75, np.float32))])
+    model = b.build(b.node("Relu", [y]))
+    out, report = onnxrep.optimize(model, only=["fold_border_pad_into_conv"])
+    assert ops(out) == ops(model)
+    assert any("does not lead straight to a conv" in d.reason for d in report.declines)
 
 
 def test_dbb_pad_sub_add_spelling_composes_into_one_kxk():
