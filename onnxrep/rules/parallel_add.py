@@ -224,8 +224,8 @@ def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
     """Whether a conv of ``base`` producing ``t`` would be absorbed by a parallel branch.
 
     True when ``t`` flows through per-channel affine ops into an Add tree that has another conv
-    leaf on ``base`` with the same stride and groups whose input window covers ``params``' window:
-    merging then costs nothing beyond that branch.
+    leaf on ``base`` that merges with ``params`` into a conv no larger than that leaf: merging
+    then costs nothing beyond that branch.
     """
     while True:
         consumer = g.sole_consumer(t)
@@ -248,18 +248,10 @@ def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
         leaf = _read_leaf(g, operand)
         if leaf.conv is None or leaf.base is not base or leaf.tensor is t:
             continue
-        if _covers(leaf.conv, params):
+        try:  # the merge merge_parallel_add would make, and what it would cost
+            merged = merge_parallel([leaf.conv, params], input_hw=spatial_hw(base))
+        except Decline:
+            continue
+        if merged.weight.size <= leaf.conv.weight.size:
             return True
     return False
-
-
-def _covers(big: ConvParams, small: ConvParams) -> bool:
-    """Same stride, groups and channels (so the two can merge), and big's input window
-    contains small's on both axes."""
-    if big.strides != small.strides or big.group != small.group or big.weight.shape[:2] != small.weight.shape[:2]:
-        return False
-    for axis in (0, 1):
-        b0, s0 = -big.pads[axis], -small.pads[axis]
-        if s0 < b0 or s0 + small.extent[axis] > b0 + big.extent[axis]:
-            return False
-    return True
