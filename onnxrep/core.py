@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import onnx
@@ -44,7 +45,8 @@ def optimize(
         only, skip: rule names to restrict to / leave out (see ``onnxrep.rules.DEFAULT_RULES``).
         verify: compare with the original in onnxruntime; False returns an unverified model.
         verify_draws: number of random input draws compared.
-        allow_growth: allow rewrites that make a kernel window larger than any branch's.
+        allow_growth: also apply rewrites that raise FLOPs (misaligned branches, 1x1 -> depthwise
+            compositions, concat branches padded with zero taps).
         rollback: on a verification failure, find the rewrite responsible, drop it and keep the
             rest; False raises at the first failure.
 
@@ -52,17 +54,32 @@ def optimize(
         (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
         no verified result can be produced.
     """
+    options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
     gc_enabled = gc.isenabled()
     gc.disable()  # graphs are millions of small objects: collect at stage boundaries instead
     try:
-        return _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
+        return _optimize(model, options)
     finally:
         gc.collect()
         if gc_enabled:
             gc.enable()
 
 
-def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback):
+@dataclass(frozen=True)
+class _Options:
+    input_shapes: Optional[Dict[str, Sequence[int]]]
+    rtol: Optional[float]
+    atol: Optional[float]
+    only: Optional[Iterable[str]]
+    skip: Optional[Iterable[str]]
+    verify: bool
+    verify_draws: int
+    seed: int
+    allow_growth: bool
+    rollback: bool
+
+
+def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
     t0 = time.perf_counter()
     external = False
     if isinstance(model, str):
@@ -70,8 +87,8 @@ def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws,
     else:
         label, original = "<model>", model
     validate(original, label)
-    rules = select_rules(only, skip)
-    shapes = resolve_input_shapes(original, input_shapes, label)
+    rules = select_rules(o.only, o.skip)
+    shapes = resolve_input_shapes(original, o.input_shapes, label)
     report = Report(input=label, input_shapes=shapes, external_data=external or needs_external_data(original))
     overridable = {i.name for i in original.graph.initializer} & {i.name for i in original.graph.input}
     if overridable:
@@ -87,7 +104,7 @@ def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws,
         graph = normalize(import_graph(original))
         if not known_shapes:  # shapes after constant folding: complete where inference alone is not
             known_shapes.update(tensor_shapes(graph, original, shapes))
-        result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=allow_growth), rules, deny, limit)
+        result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=o.allow_growth), rules, deny, limit)
         candidate = export(graph, original)
         del graph
         gc.collect()
@@ -97,16 +114,16 @@ def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws,
     candidate, result = build(frozenset())
     report.timings["optimize"] = time.perf_counter() - t1
 
-    if verify:
+    if o.verify:
         t2 = time.perf_counter()
-        verifier = Verifier(original, shapes, label, rtol=rtol, atol=atol, draws=verify_draws, seed=seed)
+        verifier = Verifier(original, shapes, label, rtol=o.rtol, atol=o.atol, draws=o.verify_draws, seed=o.seed)
         check = verifier.check(candidate)
         deny: FrozenSet[RewriteKey] = frozenset()
         while not check.ok:
             if not result.rewrites:
                 raise VerificationError(f"{label}: {check.describe()}")
             bad = _bisect(build, verifier, deny, len(result.rewrites), label)
-            if not rollback:
+            if not o.rollback:
                 raise VerificationError(
                     f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
                 )
@@ -123,7 +140,7 @@ def _optimize(model, input_shapes, rtol, atol, only, skip, verify, verify_draws,
     report.declines = result.declines
     report.before = model_stats(original, shapes, known_shapes)
     report.after = model_stats(candidate, shapes, known_shapes)
-    if report.after.flops > report.before.flops and not allow_growth:
+    if report.after.flops > report.before.flops and not o.allow_growth:
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0
     return candidate, report
