@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -115,15 +117,19 @@ class CollapseAffineRegion(Rule):
         if hw_out is None:
             return None
         nodes = _grow(g, node, kinds)
-        if nodes is None or len(nodes) < 2:
-            return None
-        inside = {id(n) for n in nodes}
-        inputs = {t.name: t for n in nodes for t in n.inputs
-                  if t.name and kinds(t) == "value" and not any(id(p) in inside for p in t.inputs)}
+        inputs = _inputs(nodes, kinds)
+        if len(inputs) > 1:
+            # Grown through a residual into the previous block: the block itself starts at the
+            # tensor its branches fan out from (FastViT's RepMixer: x + s * (mixer(x) - norm(x))).
+            nodes = _grow(g, node, kinds, stop_at_fanout=True)
+            inputs = _inputs(nodes, kinds)
+        if _one_layer_and_constants(nodes, kinds):
+            return None  # e.g. GELU's trailing "* 0.5" before a conv: folding it would save one
+            # elementwise op and cost the runtime its activation fusion
         key = (self.name, node.name, tuple(sorted(n.name for n in nodes)))
         if key in ctx.memo:  # probed before and declined; the region has not changed since
             return ctx.memo[key]
-        result = self._check(ctx, node, nodes, list(inputs.values()), kinds)
+        result = self._check(ctx, node, nodes, inputs, kinds)
         if isinstance(result, str):
             ctx.memo[key] = result
         return result
@@ -141,13 +147,18 @@ class CollapseAffineRegion(Rule):
         strides = _strides(g, nodes, x, y)
         if strides is None:
             return f"region ending at '{anchor.name}': branches with different strides"
+        region_flops = sum(_node_flops(g, n) for n in nodes)
+        hw_out = spatial_hw(y)
+        expected = _expected_flops(g, nodes, x, y, c_in, c_out)
+        if expected > region_flops and not ctx.allow_growth:  # decided before any probing
+            return (f"region of {len(nodes)} nodes ending at '{anchor.name}': one conv would cost about "
+                    f"{expected} FLOPs, the region {region_flops}")
         try:
             sub = Submodel(g.graph, nodes, x, y, kinds)
             fused = _recover(sub, c_in, hw_in, strides, c_out)
         except Decline as exc:
             return f"region of {len(nodes)} nodes ending at '{anchor.name}': {exc}"
-        region_flops = sum(_node_flops(g, n) for n in nodes)
-        fused_flops = layer_flops(fused, spatial_hw(y))
+        fused_flops = layer_flops(fused, hw_out)
         if fused_flops > region_flops and not ctx.allow_growth:
             return (f"region of {len(nodes)} nodes ending at '{anchor.name}': one conv would cost "
                     f"{fused_flops} FLOPs, the region {region_flops}")
@@ -187,7 +198,26 @@ def _affine_node(node, kinds) -> bool:
     return True
 
 
-def _grow(g, anchor, kinds) -> Optional[List[object]]:
+def _one_layer_and_constants(nodes, kinds) -> bool:
+    """One Conv/AveragePool, every other node an elementwise op with a constant operand."""
+    layers = [n for n in nodes if n.op in ("Conv", "AveragePool")]
+    rest = [n for n in nodes if n.op not in ("Conv", "AveragePool")]
+    return len(layers) == 1 and all(
+        n.op in ("Mul", "Div", "Add", "Sub") and any(kinds(t) != "value" for t in n.inputs) for n in rest
+    )
+
+
+def _inputs(nodes, kinds) -> List[object]:
+    """The activations a region reads (value tensors not produced inside it)."""
+    inside = {id(n) for n in nodes}
+    found = {t.name: t for n in nodes for t in n.inputs
+             if t.name and kinds(t) == "value" and not any(id(p) in inside for p in t.inputs)}
+    return list(found.values())
+
+
+def _grow(g, anchor, kinds, stop_at_fanout: bool = False) -> List[object]:
+    """The region ending at ``anchor``: affine producers added while all their consumers are
+    inside (``stop_at_fanout``: also never through a tensor read by several nodes)."""
     region = [anchor]
     inside = {id(anchor)}
     changed = True
@@ -197,6 +227,8 @@ def _grow(g, anchor, kinds) -> Optional[List[object]]:
             for t in node.inputs:
                 p = producer(t) if t.name else None
                 if p is None or id(p) in inside or kinds(t) != "value" or not _affine_node(p, kinds):
+                    continue
+                if stop_at_fanout and len(t.outputs) > 1:
                     continue
                 if any(g.is_graph_output(o) or not all(_feeds_only(g, c, inside) for c in o.outputs) for o in p.outputs):
                     continue
@@ -240,6 +272,39 @@ def _dead_with(region, y) -> List[object]:
         dead.append(n)
         stack.extend(c for o in n.outputs for c in o.outputs)
     return dead
+
+
+def _expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
+    """What the fused conv will cost, from the region's layers alone (no probing).
+
+    Receptive fields compose along every path (extent + (k - 1) * stride so far); the fused
+    conv is dense when any layer mixes channels. Exact for real re-parameterizable blocks;
+    it could only overestimate a region whose taps cancel.
+    """
+    field = {x.name: (1, 1, 1, 1, False)}  # extent h, w, stride h, w, channels mixed
+    for node in toposort(nodes):
+        ins = [field[t.name] for t in node.inputs if t.name in field]
+        if not ins:
+            continue
+        eh, ew = max(f[0] for f in ins), max(f[1] for f in ins)
+        sh, sw = max(f[2] for f in ins), max(f[3] for f in ins)
+        mixed = any(f[4] for f in ins)
+        if node.op == "Transpose":
+            eh = ew = max(eh, ew)
+            sh = sw = max(sh, sw)
+        elif node.op in ("Conv", "AveragePool"):
+            p = g.read_linear(node)
+            if not isinstance(p, str):
+                (kh, kw), (s1, s2) = p.extent, p.strides
+                eh, ew = eh + (kh - 1) * sh, ew + (kw - 1) * sw
+                sh, sw = sh * s1, sw * s2
+                mixed = mixed or (node.op == "Conv" and p.weight.shape[1] > 1)
+        for o in node.outputs:
+            field[o.name] = (eh, ew, sh, sw, mixed)
+    eh, ew, _, _, mixed = field.get(y.name, (1, 1, 1, 1, False))
+    ho, wo = spatial_hw(y)
+    per_output = c_in if mixed else max(1, c_in // math.gcd(c_in, c_out))
+    return 2 * c_out * per_output * eh * ew * ho * wo
 
 
 def _strides(g, nodes, x, y):

@@ -220,12 +220,13 @@ def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:
     return Merge(leaves[0].base, leaves, fused, dtype)
 
 
-def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
+def covered_by_sibling(g, t, base, params: Optional[ConvParams]) -> bool:
     """Whether a conv of ``base`` producing ``t`` would be absorbed by a parallel branch.
 
     True when ``t`` flows through per-channel affine ops into an Add tree that has another conv
     leaf on ``base`` that merges with ``params`` into a conv no larger than that leaf: merging
-    then costs nothing beyond that branch.
+    then costs nothing beyond that branch. With ``params`` None: whether any conv leaf on
+    ``base`` sits in that Add tree at all (a cheap pre-check).
     """
     while True:
         consumer = g.sole_consumer(t)
@@ -248,6 +249,8 @@ def covered_by_sibling(g, t, base, params: ConvParams) -> bool:
         leaf = _read_leaf(g, operand)
         if leaf.conv is None or leaf.base is not base or leaf.tensor is t:
             continue
+        if params is None:  # only asked whether such a sibling exists
+            return True
         try:  # the merge merge_parallel_add would make, and what it would cost
             merged = merge_parallel([leaf.conv, params], input_hw=spatial_hw(base))
         except Decline:

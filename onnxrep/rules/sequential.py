@@ -77,6 +77,11 @@ class ComposeSequentialConvs(Rule):
 def judge_composition(ctx: Context, p1: ConvParams, p2: ConvParams, out, x, before: int):
     """(fused, note) when conv2(conv1(x)) -> ``out`` composes exactly without costing more
     FLOPs than ``before`` (or the growth is absorbed by a parallel branch), else the reason."""
+    # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
+    # shape alone before building it, unless a parallel branch might absorb it.
+    predicted = _predicted_flops(p1, p2, out)
+    if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
+        return f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)"
     try:
         fused = compose_sequential(p1, p2)
     except Decline as exc:
@@ -87,6 +92,20 @@ def judge_composition(ctx: Context, p1: ConvParams, p2: ConvParams, out, x, befo
     if covered_by_sibling(ctx.graph, out, x, fused):
         return fused, " (absorbed by a parallel branch)"
     return f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)"
+
+
+def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
+    """FLOPs of compose_sequential(p1, p2) from the shapes alone (an upper bound: regrouping
+    can only make it cheaper)."""
+    group = p1.group if p1.group == p2.group else 1
+    if any(p2.pads):
+        kh, kw = p2.kernel_shape
+    else:
+        (e1h, e1w), (l2h, l2w) = p1.extent, p2.kernel_shape
+        kh = (l2h - 1) * p2.dilations[0] * p1.strides[0] + e1h
+        kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
+    ho, wo = spatial_hw(out) or (1, 1)
+    return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
 
 
 def _flops(p: ConvParams, out, op: str) -> int:
