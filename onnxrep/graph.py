@@ -106,7 +106,9 @@ class RepGraph:
         return gs.Constant(self.unique(base), np.ascontiguousarray(np.asarray(values).astype(dtype)))
 
     def variable(self, base: str, like: Tensor) -> gs.Variable:
-        return gs.Variable(self.unique(base), dtype=like.dtype, shape=like.shape)
+        """A new intermediate tensor with ``like``'s dtype; its shape is left unknown (the
+        exported model gets no value_info for it rather than a possibly wrong one)."""
+        return gs.Variable(self.unique(base), dtype=like.dtype)
 
     def add_node(self, op: str, base: str, inputs, outputs, attrs=None) -> gs.Node:
         node = gs.Node(op=op, name=self.unique(base), attrs=attrs or {}, inputs=list(inputs), outputs=list(outputs))

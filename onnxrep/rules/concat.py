@@ -111,8 +111,6 @@ class MergeParallelConcat(Rule):
                 continue
             run, p = hit
             y = out if whole else g.variable(f"{m.node.name}.merged", out)
-            if not whole:
-                y.shape = None
             created.append(g.write_conv(f"{m.node.name}.conv", p, run[0].base, y, m.dtype).name)
             new_inputs.append(y)
             i += len(run)
@@ -167,7 +165,6 @@ class MergeHorizontalConvs(Rule):
         sizes = [int(c.inputs[1].values.shape[0]) for c in m.convs]
         base = m.convs[0].name
         y = g.variable(f"{base}.combined", outs[0])
-        y.shape = None
         g.remove(m.convs)
         conv = g.write_conv(f"{base}.combined", m.params, x, y, m.dtype)
         opset = int(g.graph.opset or 13)
