@@ -123,6 +123,9 @@ class CollapseAffineRegion(Rule):
             # tensor its branches fan out from (FastViT's RepMixer: x + s * (mixer(x) - norm(x))).
             nodes = _grow(g, node, kinds, stop_at_fanout=True)
             inputs = _inputs(nodes, kinds)
+        layers = sum(n.op in ("Conv", "AveragePool") for n in nodes)
+        if layers == 0:
+            return None  # elementwise and data movement only: no conv is cheaper than that
         if _one_layer_and_constants(nodes, kinds):
             return None  # e.g. GELU's trailing "* 0.5" before a conv: folding it would save one
             # elementwise op and cost the runtime its activation fusion
