@@ -22,11 +22,19 @@ EXTENDED = [e for e in MANIFEST if e.get("tier", 1) == 2]
 GROWTH = [e for e in MANIFEST if e["expected_conv_allow_growth"] != e["expected_conv"]]
 
 
-def test_manifest_covers_every_core_family_in_three_dialects():
-    families = {e["family"] for e in CORE}
-    assert {"repvgg", "acnet", "mobileone", "orepa_scale"} <= families
-    for family in families:
-        assert sorted(e["exporter"] for e in CORE if e["family"] == family) == ["dynamo", "dynamo_noopt", "ts"]
+@pytest.mark.parametrize(
+    "entries, families",
+    [
+        (CORE, {"repvgg", "acnet", "mobileone", "orepa_scale"}),
+        (EXTENDED, {"dbb_slice", "dbb_padsub", "orepa", "unireplk", "inception", "concat", "chain_nobias",
+                    "chain_bias", "bsconv_u", "bsconv_s"}),
+    ],
+    ids=["core", "extended"],
+)
+def test_manifest_covers_every_family_in_three_dialects(entries, families):
+    assert families <= {e["family"] for e in entries}
+    for family in {e["family"] for e in entries}:
+        assert sorted(e["exporter"] for e in entries if e["family"] == family) == ["dynamo", "dynamo_noopt", "ts"]
 
 
 @pytest.mark.parametrize("entry", CORE, ids=[e["file"] for e in CORE])
@@ -45,15 +53,6 @@ def test_core_fixture_reparameterizes(entry):
     assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
     assert out.opset_import == original.opset_import
     assert_same_outputs(original, out, batch=2 if entry.get("dynamic_batch") else 1)
-
-
-def test_manifest_covers_every_extended_family_in_three_dialects():
-    families = {e["family"] for e in EXTENDED}
-    expected = {"dbb_slice", "dbb_padsub", "orepa", "unireplk", "inception", "concat", "chain_nobias",
-                "chain_bias", "bsconv_u", "bsconv_s"}
-    assert expected <= families
-    for family in families:
-        assert sorted(e["exporter"] for e in EXTENDED if e["family"] == family) == ["dynamo", "dynamo_noopt", "ts"]
 
 
 @pytest.mark.parametrize("entry", EXTENDED, ids=[e["file"] for e in EXTENDED])
