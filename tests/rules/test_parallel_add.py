@@ -1,6 +1,7 @@
 """merge_parallel_add: branches joined by Add -> one Conv, and the branches that must stay."""
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxrep
@@ -144,3 +145,15 @@ def test_identity_without_conv_is_left_alone():
     out, report = optimize(model)
     assert ops(out) == ops(model)
     assert report.rewrites == []
+
+
+def test_float16_block_is_folded_in_float64_and_verified_with_the_fp16_tolerance():
+    b = GraphBuilder([1, 8, 7, 7], dtype=np.float16)
+    model = b.build(repvgg_block(b, b.x, 8, 8))
+    out, report = optimize(model)
+    assert ops(out) == {"Conv": 1, "Relu": 1}
+    assert (report.verification.rtol, report.verification.atol) == (1e-2, 1e-3)
+    assert report.verification.ok
+    w = next(i for i in out.graph.initializer if i.name.endswith("weight"))
+    assert w.data_type == onnx.TensorProto.FLOAT16
+    assert_same_outputs(model, out, rtol=1e-2, atol=1e-3)
