@@ -25,7 +25,7 @@ from onnx import helper, shape_inference
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .errors import OnnxrepError
+from .errors import OnnxrepError, first_line
 from .modelio import uses_external_data
 
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -54,7 +54,7 @@ def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
         if external:
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf raises several types for garbage input
-        raise OnnxrepError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise OnnxrepError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no graph)")
     return model, external
@@ -253,16 +253,6 @@ def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[st
         if all(isinstance(d, int) for d in dims):
             out[name] = dims
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def graph_input_names(model: onnx.ModelProto) -> List[str]:
-    init = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in init]
 
 
 def resolve_input_shapes(

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from . import modelio
+from .errors import first_line
 from .kernels import ConvParams, Decline
 
 
@@ -23,7 +24,6 @@ def toposort(nodes: List[gs.Node]) -> List[gs.Node]:
     """The nodes in an order where producers come first (Kahn's algorithm on the subset)."""
     ids = {id(n) for n in nodes}
     deps = {id(n): {id(p) for t in n.inputs for p in t.inputs if id(p) in ids and p is not n} for n in nodes}
-    by_id = {id(n): n for n in nodes}
     done, order = set(), []
     ready = [n for n in nodes if not deps[id(n)]]
     consumers: Dict[int, List[gs.Node]] = {}
@@ -102,7 +102,7 @@ class Submodel:
             model.ir_version = min(model.ir_version, 10)
             self.session = _session(model)
         except Exception as exc:
-            raise Decline(f"the region cannot run on its own ({str(exc).strip().splitlines()[0][:120]})") from None
+            raise Decline(f"the region cannot run on its own ({first_line(exc)[:120]})") from None
 
     def _source_feed(self, t, n: int) -> np.ndarray:
         dims = []
@@ -130,7 +130,7 @@ class Submodel:
             try:
                 outs.append(self.session.run([self.y.name], feed)[0][:n])
             except Exception as exc:
-                raise Decline(f"the region failed on probe inputs ({str(exc).strip().splitlines()[0][:120]})") from None
+                raise Decline(f"the region failed on probe inputs ({first_line(exc)[:120]})") from None
         return np.concatenate(outs, axis=0)
 
     def run_conv(self, xs: np.ndarray, p: ConvParams) -> np.ndarray:

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from . import modelio
-from .errors import OnnxrepError
+from .errors import OnnxrepError, first_line
 
 FP32_TOL = (1e-4, 1e-5)  # (rtol, atol)
 FP16_TOL = (1e-2, 1e-3)
@@ -66,9 +66,8 @@ def _session(model: onnx.ModelProto, label: str) -> ort.InferenceSession:
     try:
         return modelio.session(model, opts)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxrepError(
-            f"{label}: onnxruntime cannot run this model, so it cannot be verified ({first}); "
+            f"{label}: onnxruntime cannot run this model, so it cannot be verified ({first_line(exc)}); "
             "--no-verify skips verification"
         ) from None
 
@@ -137,8 +136,7 @@ class Verifier:
         try:
             self.expected = [session.run(None, feed) for feed in self.feeds]
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise OnnxrepError(f"{label}: onnxruntime failed to run the original model ({first})") from None
+            raise OnnxrepError(f"{label}: onnxruntime failed to run the original model ({first_line(exc)})") from None
 
     def check(self, candidate: onnx.ModelProto) -> VerifyResult:
         session = _session(candidate, f"{self.label} (optimized)")

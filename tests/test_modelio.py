@@ -3,10 +3,8 @@ read, verified and written with their tensors in a data file beside the output."
 
 import os
 
-import numpy as np
 import onnx
 
-import onnxrep
 from helpers import GraphBuilder, assert_same_outputs, ops
 from onnxrep import modelio
 from onnxrep.cli import main

@@ -312,7 +312,6 @@ def _expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
 
 def _strides(g, nodes, x, y):
     """The accumulated stride from x to y (every path must agree), or None."""
-    inside = {id(n) for n in nodes}
     order = toposort(nodes)
     stride = {x.name: (1, 1)}
     for node in order:

@@ -1,8 +1,7 @@
 """fold_bn_into_conv on hand-built graphs: Conv, grouped ConvTranspose, Gemm, MatMul, declines."""
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxrep
 from helpers import GraphBuilder, assert_same_outputs, ops
