@@ -71,6 +71,12 @@ def per_channel(value: np.ndarray, channels: int, rank: int) -> Optional[np.ndar
     return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,))
 
 
+def str_attr(attrs: dict, key: str, default: str) -> str:
+    """A string attribute (onnx-graphsurgeon may hold it as bytes)."""
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _ints(attrs: dict, key: str, default: Sequence[int]) -> tuple:
     value = attrs.get(key)
     return tuple(int(v) for v in value) if value is not None else tuple(default)
@@ -176,9 +182,7 @@ class RepGraph:
                 return f"Conv '{node.name}' bias '{node.inputs[2].name}' is not a constant"
         attrs = node.attrs
         pads = _ints(attrs, "pads", (0, 0, 0, 0))
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        if isinstance(auto_pad, bytes):
-            auto_pad = auto_pad.decode()
+        auto_pad = str_attr(attrs, "auto_pad", "NOTSET")
         strides = _ints(attrs, "strides", (1, 1))
         dilations = _ints(attrs, "dilations", (1, 1))
         if auto_pad == "VALID":
@@ -218,9 +222,7 @@ class RepGraph:
             return f"AveragePool '{node.name}' uses ceil_mode=1"
         if any(d != 1 for d in _ints(attrs, "dilations", (1, 1))):
             return f"AveragePool '{node.name}' is dilated"
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        if isinstance(auto_pad, bytes):
-            auto_pad = auto_pad.decode()
+        auto_pad = str_attr(attrs, "auto_pad", "NOTSET")
         if auto_pad not in ("NOTSET", "VALID"):
             return f"AveragePool '{node.name}' uses auto_pad={auto_pad}"
         pads = (0, 0, 0, 0) if auto_pad == "VALID" else _ints(attrs, "pads", (0, 0, 0, 0))

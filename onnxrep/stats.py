@@ -117,11 +117,17 @@ def _node_flops(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> int:
         a = shapes[node.input[0]]
         k = a[0] if op == "Gemm" and _attr(node, "transA", 0) else a[-1]
         return 2 * out * int(k) + (out if op == "Gemm" and len(node.input) > 2 and node.input[2] else 0)
-    if op == "BatchNormalization":
-        return 2 * out
     if op in ("AveragePool", "MaxPool", "LpPool"):
         return out * int(np.prod(_attr(node, "kernel_shape", [1])))
-    return out
+    return elementwise_flops(op, out)
+
+
+def elementwise_flops(op: str, outputs: int) -> int:
+    """FLOPs of an op that is neither a layer nor a pool: none for shape and data-movement ops,
+    two per output for BatchNormalization, one per output otherwise."""
+    if op in FREE_OPS:
+        return 0
+    return 2 * outputs if op == "BatchNormalization" else outputs
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

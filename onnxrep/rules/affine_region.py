@@ -31,11 +31,11 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import channels_of, const_value, producer, spatial_hw, static_shape
+from ..graph import channels_of, const_value, producer, spatial_hw, static_shape, str_attr
 from ..kernels import ConvParams, Decline, impulse_positions, kernel_from_impulses, layer_flops
 from ..passes import Context, Rewrite, Rule
 from ..probe import Submodel, toposort
-from ..stats import FREE_OPS
+from ..stats import elementwise_flops
 
 ALL = None  # every input may carry the activation
 #: op -> input positions that may depend on the activation (others: constants or shape-derived)
@@ -194,10 +194,8 @@ def _affine_node(node, kinds) -> bool:
         return False
     if node.op == "BatchNormalization" and int(node.attrs.get("training_mode", 0)):
         return False
-    if node.op == "Pad":
-        mode = node.attrs.get("mode", "constant")
-        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-            return False
+    if node.op == "Pad" and str_attr(node.attrs, "mode", "constant") != "constant":
+        return False
     return True
 
 
@@ -362,9 +360,7 @@ def _node_flops(g, node) -> int:
         hw = spatial_hw(node.outputs[0])
         if not isinstance(p, str) and hw is not None:
             return layer_flops(p, hw, pool=node.op == "AveragePool")
-    if node.op in FREE_OPS:
-        return 0
     shape = static_shape(node.outputs[0])
     if shape and all(isinstance(d, int) for d in shape[1:]):
-        return int(np.prod(shape[1:])) * (2 if node.op == "BatchNormalization" else 1)
+        return elementwise_flops(node.op, int(np.prod(shape[1:])))
     return 0

@@ -15,7 +15,7 @@ from typing import List
 
 import numpy as np
 
-from ..graph import const_value
+from ..graph import const_value, str_attr
 from ..kernels import pad_into_conv
 from ..passes import Context, Rewrite, Rule
 
@@ -29,9 +29,7 @@ class PadMatch:
 
 def _pads_of(node):
     """(pads, value) of a Pad node for any opset, or a reason string."""
-    mode = node.attrs.get("mode", "constant")
-    if isinstance(mode, bytes):
-        mode = mode.decode()
+    mode = str_attr(node.attrs, "mode", "constant")
     if mode != "constant":
         return f"Pad '{node.name}' uses mode {mode!r}"
     if "pads" in node.attrs:  # opset < 11
