@@ -19,9 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-
-class Decline(Exception):
-    """Raised by a kernel function when a fusion would not be exact (or not worth it)."""
+from .errors import Decline  # noqa: F401  (re-exported: kernels raise it when a fusion is not exact)
 
 
 @dataclass(frozen=True)
@@ -423,18 +421,26 @@ def kernel_from_impulses(
     ``responses[i, r]`` is the map's output [Cout, Ho, Wo] for an input that is zero except a 1
     at channel i, position ``positions[r]``; ``zero`` is its output for the zero input. For a
     conv with stride s, output o responds to an impulse at p through tap q = p - o*s (relative
-    to the window start), so every response fills part of the kernel W[:, i, q]. The kernel is
-    cropped to the taps that are non-zero (above ``rel_threshold`` of the largest response, to
-    ignore float rounding), and pads are set so the output size is unchanged.
-    Declines when the zero response (the bias) varies over space by more than ``bias_rtol``.
+    to the window start), so every response fills part of the kernel W[:, i, q].
+
+    Every decision is made per output channel against that channel's own scale (the largest
+    of its responses and its bias): a tap is zero when it is within ``rel_threshold`` of that
+    scale (float rounding), and the bias must be constant over space within ``bias_rtol`` of
+    it. A channel 1e6x smaller than another is recovered as exactly as the large one. The
+    kernel is cropped to the taps non-zero in any channel, and pads are set so the output size
+    is unchanged. Declines when a bias varies over space.
     """
     cin, _, cout, ho, wo = responses.shape
     sh, sw = strides
     h, w = in_hw
     bias = zero.reshape(cout, -1)
-    scale = max(float(np.max(np.abs(responses - zero[None, None]))), float(np.max(np.abs(bias))), 1e-30)
-    if np.max(np.abs(bias - bias[:, :1])) > bias_rtol * scale:
-        raise Decline("the region's output for a zero input varies over space (not a conv bias)")
+    delta = responses - zero[None, None]  # [cin, positions, cout, ho, wo]
+    scale = np.maximum(np.abs(delta).max(axis=(0, 1, 3, 4)), np.abs(bias).max(axis=1))  # [cout]
+    scale = np.maximum(scale, np.finfo(np.float64).tiny)
+    spread = np.abs(bias - bias[:, :1]).max(axis=1)
+    if np.any(spread > bias_rtol * scale):
+        c = int(np.argmax(spread / scale))
+        raise Decline(f"the region's output for a zero input varies over space in channel {c} (not a conv bias)")
     # q ranges over p - o*s; index it from the smallest possible value.
     qh0 = min(p[0] for p in positions) - (ho - 1) * sh
     qw0 = min(p[1] for p in positions) - (wo - 1) * sw
@@ -443,11 +449,10 @@ def kernel_from_impulses(
     table = np.zeros((cout, cin, qh1 - qh0 + 1, qw1 - qw0 + 1))
     oh, ow = np.arange(ho), np.arange(wo)
     for r, (ph, pw) in enumerate(positions):
-        d = responses[:, r] - zero[None]  # [cin, cout, ho, wo]
         rows = ph - oh * sh - qh0
         cols = pw - ow * sw - qw0
-        table[:, :, rows[:, None], cols[None, :]] = np.transpose(d, (1, 0, 2, 3))
-    table[np.abs(table) <= rel_threshold * scale] = 0.0
+        table[:, :, rows[:, None], cols[None, :]] = np.transpose(delta[:, r], (1, 0, 2, 3))
+    table[np.abs(table) <= rel_threshold * scale[:, None, None, None]] = 0.0
     nz = np.nonzero(np.any(table != 0, axis=(0, 1)))
     if len(nz[0]) == 0:
         raise Decline("the region does not depend on its input")
@@ -463,3 +468,26 @@ def kernel_from_impulses(
     if p.output_size(h, w) != (ho, wo):
         raise Decline("no zero-padded conv reproduces the region's output size")
     return regroup(p)
+
+
+def channel_errors(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel error and allowance of ``y`` against ``ref`` (channels on axis 1).
+
+    error_c = max|y_c - ref_c|; allowed_c = rtol * max|ref_c| + floor_rel * max|ref|. The floor,
+    relative to the whole tensor, only matters for channels that are (near) zero next to the
+    others; no fixed absolute floor, so a tensor of tiny values is held to its own scale.
+    Tensors of rank < 2 count as one channel. Shapes must match; values must be finite.
+    """
+    y = np.asarray(y, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if y.shape != ref.shape:
+        raise ValueError(f"shape {y.shape} != {ref.shape}")
+    if y.ndim < 2:
+        y, ref = y.reshape(1, 1, -1), ref.reshape(1, 1, -1)
+    axes = tuple(i for i in range(y.ndim) if i != 1)
+    if y.size == 0:
+        return np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    err = np.abs(y - ref).max(axis=axes)
+    mag = np.abs(ref).max(axis=axes)
+    allowed = rtol * mag + floor_rel * float(mag.max(initial=0.0))
+    return err, allowed

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from .passes import Decline, Rewrite
+from .passes import Declined, Rewrite
 from .stats import ModelStats
 from .verify import VerifyResult
 
@@ -17,7 +17,7 @@ class Report:
     before: Optional[ModelStats] = None
     after: Optional[ModelStats] = None
     rewrites: List[Rewrite] = field(default_factory=list)
-    declines: List[Decline] = field(default_factory=list)
+    declines: List[Declined] = field(default_factory=list)
     rolled_back: List[Rewrite] = field(default_factory=list)
     verification: Optional[VerifyResult] = None
     input_shapes: Dict[str, List[int]] = field(default_factory=dict)
