@@ -51,6 +51,14 @@ class ConvParams:
         (kh, kw), (dh, dw) = self.kernel_shape, self.dilations
         return (kh - 1) * dh + 1, (kw - 1) * dw + 1
 
+    @property
+    def size_slack(self) -> Tuple[int, int]:
+        """(pad_begin + pad_end - extent) per axis: the output size is floor((H + slack) / s) + 1.
+        Two convs of the same stride give equal output sizes at every input size exactly when
+        their slacks are equal (for unequal slacks some H lands between them)."""
+        (eh, ew), (t, l, b, r) = self.extent, self.pads
+        return t + b - eh, l + r - ew
+
     def output_size(self, h: int, w: int) -> Tuple[int, int]:
         eh, ew = self.extent
         t, l, b, r = self.pads
@@ -195,13 +203,21 @@ def common_window(
         pads=(top, left, bottom, right),
         group=first.group,
     )
-    if input_hw is not None:
+    if input_hw is not None:  # one input size: compare the sizes themselves
         want = first.output_size(*input_hw)
         for p in branches[1:]:
             if p.output_size(*input_hw) != want:
                 raise Decline(f"branch outputs differ in size: {want} vs {p.output_size(*input_hw)}")
         if fused.output_size(*input_hw) != want:
             raise Decline("fused conv would change the output size")
+    else:  # dynamic size: floor((H + slack) / s) + 1 must agree for every H
+        want = first.size_slack
+        for p in branches[1:]:
+            if p.size_slack != want:
+                raise Decline(f"branch outputs agree in size only at some input sizes (pads - extent {want} vs "
+                              f"{p.size_slack}); they must agree at every input size")
+        if fused.size_slack != want:
+            raise Decline("fused conv would change the output size at some input sizes")
     offsets = [(top - p.pads[0], left - p.pads[1]) for p in branches]
     return fused, offsets
 

@@ -85,8 +85,16 @@ def default_opset(model: onnx.ModelProto) -> Optional[int]:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes."""
+    """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes.
+
+    Shapes declared for intermediate tensors and outputs (value_info, graph outputs) are
+    metadata, often stale (an export traced at one size): they are dropped, and every shape
+    is inferred from the graph inputs alone, so that neither a rule nor constant folding
+    (Shape of a tensor whose declared size is static) can bake a size into a model whose
+    input dims are dynamic.
+    """
     graph = gs.import_onnx(model)
+    forget_declared_shapes(graph)
     infer_shapes(graph)
     used = {n.name for n in graph.nodes if n.name}
     counter = 0
@@ -97,6 +105,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
             node.name = f"{node.op}_{counter}"
             used.add(node.name)
     return graph
+
+
+def forget_declared_shapes(graph: gs.Graph) -> None:
+    """Clear the shape of every main-graph tensor that is not a graph input (dtypes stay)."""
+    inputs = {t.name for t in graph.inputs}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in inputs:
+            t.shape = None
 
 
 _LIGHT_TENSOR = 4096  # constants up to this many elements keep their values for inference
@@ -234,7 +250,38 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.name = original.graph.name
     del model.functions[:]
     model.functions.extend(original.functions)
+    _keep_declared_output_dims(model, original)
     return model
+
+
+def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Output shapes of the result: the inferred ones, except that a declared symbolic name is
+    kept where inference agrees the dim is dynamic (so 'batch' stays 'batch'), and a declared
+    static dim is kept where inference could not size it and every input is static (then the
+    one input size there is, verification checks the output at)."""
+    static_inputs = all(
+        d.HasField("dim_value") for i in original.graph.input for d in i.type.tensor_type.shape.dim
+    )
+    declared = {o.name: o for o in original.graph.output}
+    for out in model.graph.output:
+        old = declared.get(out.name)
+        if old is None or not old.type.tensor_type.HasField("shape"):
+            continue
+        new_t = out.type.tensor_type
+        old_dims = old.type.tensor_type.shape.dim
+        if not new_t.HasField("shape"):
+            if static_inputs:
+                new_t.shape.CopyFrom(old.type.tensor_type.shape)
+            continue
+        if len(new_t.shape.dim) != len(old_dims):
+            continue
+        for new, old_d in zip(new_t.shape.dim, old_dims):
+            if new.HasField("dim_value"):
+                continue
+            if old_d.HasField("dim_param") and (new.HasField("dim_param") or not new.HasField("dim_value")):
+                new.dim_param = old_d.dim_param
+            elif old_d.HasField("dim_value") and not new.HasField("dim_param") and static_inputs:
+                new.dim_value = old_d.dim_value
 
 
 def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:

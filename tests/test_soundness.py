@@ -181,3 +181,65 @@ def test_branch_tensor_read_inside_an_if_body_pins_the_branch():
     out, report = onnxrep.optimize(model)
     assert ops(out)["Conv"] == 2  # c3 must stay: the body reads it
     _check_both_ways(model, out, [1, 4, 6, 6])
+
+
+# ---- class 4: declared shapes are metadata, not truth ----------------------------------------
+
+
+def _with_stale_shapes(model: onnx.ModelProto, names, shape) -> onnx.ModelProto:
+    """The model with a static ``shape`` declared for ``names`` (value_info or outputs), as an
+    export traced at one size leaves it."""
+    declared = {o.name for o in model.graph.output}
+    for name in names:
+        vi = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+        if name in declared:
+            out = next(o for o in model.graph.output if o.name == name)
+            out.CopyFrom(vi)
+        else:
+            model.graph.value_info.append(vi)
+    return model
+
+
+def test_stale_declared_shapes_are_not_baked_into_the_result():
+    b = GraphBuilder(["N", 4, "H", "W"])
+    t = b.conv(b.x, 4, 4, k=3)
+    e = b.node("Expand", [b.const(b.rand(1, 4, 1, 1)), b.node("Shape", [t])])
+    r = b.node("Relu", [b.add(t, e)])
+    y = b.add(b.bn(b.conv(r, 4, 4, k=3, stride=2, pad=0), 4), b.bn(b.conv(r, 4, 4, k=1, stride=2, pad=0), 4))
+    model = b.build(y)
+    for n in model.graph.node:  # SAME_UPPER convs: pads depend on the parity of H and W
+        if n.op_type == "Conv" and any(a.name == "strides" and a.ints[0] == 2 for a in n.attribute):
+            del n.attribute[[a.name for a in n.attribute].index("pads")]
+            n.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    model = _with_stale_shapes(model, [t, r, y], [1, 4, 16, 16])
+    onnx.checker.check_model(model)
+    out, report = onnxrep.optimize(model, input_shapes={"x": [1, 4, 16, 16]})
+    assert report.verification.ok
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert not any(d.HasField("dim_value") and d.dim_value == 16 for d in dims), dims
+    for shape in ([1, 4, 16, 16], [2, 4, 13, 11], [1, 4, 7, 20]):
+        assert_equal_per_channel(model, out, feeds_for(shape))
+
+
+# ---- class 5: branch outputs equal at some sizes only ------------------------------------------
+
+
+def test_merge_whose_sizes_agree_only_at_even_sizes_declines():
+    # 3x3 s2 pads (0,0,1,1) and 1x1 s2: equal outputs at even H and W, not at odd ones
+    b = GraphBuilder(["N", 4, "H", "W"])
+    y = b.add(b.bn(b.conv(b.x, 4, 4, k=3, stride=2, pad=(0, 0, 1, 1)), 4), b.bn(b.conv(b.x, 4, 4, k=1, stride=2, pad=0), 4))
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, input_shapes={"x": [1, 4, 8, 8]})
+    assert ops(out)["Conv"] == 2 and ops(out)["Add"] == 1
+    assert any("every input size" in d.reason for d in report.declines if d.rule == "merge_parallel_add"), report.declines
+    assert_equal_per_channel(model, out, feeds_for([1, 4, 8, 8]))
+
+
+def test_merge_whose_sizes_agree_at_every_size_still_happens():
+    b = GraphBuilder(["N", 4, "H", "W"])
+    y = b.add(b.bn(b.conv(b.x, 4, 4, k=3, stride=2, pad=1), 4), b.bn(b.conv(b.x, 4, 4, k=1, stride=2, pad=0), 4))
+    model = b.build(y)
+    out, _ = onnxrep.optimize(model, input_shapes={"x": [1, 4, 8, 8]})
+    assert ops(out) == {"Conv": 1}
+    for shape in ([1, 4, 8, 8], [3, 4, 9, 7], [1, 4, 1, 2]):
+        assert_equal_per_channel(model, out, feeds_for(shape))
