@@ -3,7 +3,6 @@ back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cl
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
@@ -13,7 +12,8 @@ import onnx
 from .errors import VerificationError
 from .graph import RepGraph
 from .modelio import needs_external_data
-from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, tensor_shapes, validate
+from .normalize import (export, import_graph, load_model, normalize, quiet_graphsurgeon, resolve_input_shapes,
+                        tensor_shapes, validate)
 from .passes import Context, PassResult, RewriteKey, run_to_fixpoint
 from .report import Report
 from .rules import select_rules
@@ -55,14 +55,8 @@ def optimize(
         no verified result can be produced.
     """
     options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
-    gc_enabled = gc.isenabled()
-    gc.disable()  # graphs are millions of small objects: collect at stage boundaries instead
-    try:
+    with quiet_graphsurgeon():
         return _optimize(model, options)
-    finally:
-        gc.collect()
-        if gc_enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -98,19 +92,17 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         )
     report.timings["load"] = time.perf_counter() - t0
 
-    known_shapes: Dict[str, list] = {}
+    # Normalize once; every build (the first, and each replay while locating a rewrite
+    # that fails verification) starts from a copy of the normalized graph.
+    t1 = time.perf_counter()
+    normalized = normalize(import_graph(original))
+    known_shapes = tensor_shapes(normalized, original, shapes)  # complete where inference alone is not
 
     def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
-        graph = normalize(import_graph(original))
-        if not known_shapes:  # shapes after constant folding: complete where inference alone is not
-            known_shapes.update(tensor_shapes(graph, original, shapes))
+        graph = normalized.copy()
         result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=o.allow_growth), rules, deny, limit)
-        candidate = export(graph, original)
-        del graph
-        gc.collect()
-        return candidate, result
+        return export(graph, original), result
 
-    t1 = time.perf_counter()
     candidate, result = build(frozenset())
     report.timings["optimize"] = time.perf_counter() - t1
 
@@ -122,7 +114,7 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         while not check.ok:
             if not result.rewrites:
                 raise VerificationError(f"{label}: {check.describe()}")
-            bad = _bisect(build, verifier, deny, len(result.rewrites), label)
+            bad = _locate(build, verifier, deny, result, check, label)
             if not o.rollback:
                 raise VerificationError(
                     f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
@@ -144,6 +136,24 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0
     return candidate, report
+
+
+def _locate(build, verifier: Verifier, deny, result: PassResult, check, label: str):
+    """The rewrite responsible for a failed check.
+
+    Verification names the first tensor (in the candidate's order) that differs from the
+    original and the node that produces it; the rewrite that created that node is the suspect.
+    It is confirmed with two replays (the rewrites before it pass, with it they fail); when
+    there is no suspect or it is not confirmed, bisection over the rewrite sequence finds the
+    first failing prefix.
+    """
+    n = len(result.rewrites)
+    node = getattr(getattr(check, "first_divergence", None), "node", None)
+    suspect = next((i for i in range(n - 1, -1, -1) if node in result.rewrites[i].created), None)
+    if suspect is not None:
+        if verifier.check(build(deny, suspect)[0]).ok and not verifier.check(build(deny, suspect + 1)[0]).ok:
+            return result.rewrites[suspect]
+    return _bisect(build, verifier, deny, n, label)
 
 
 def _bisect(build, verifier: Verifier, deny, n: int, label: str):

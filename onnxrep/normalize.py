@@ -14,6 +14,7 @@ Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,13 +29,24 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from .errors import OnnxrepError, first_line
 from .modelio import uses_external_data
 
-G_LOGGER.severity = G_LOGGER.ERROR
 
 #: Highest default-domain opset onnxrep accepts (what the installed onnx knows).
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
 
 log = logging.getLogger("onnxrep")
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon's own log (warnings about dtypes, folding) off for the duration, then
+    back to what the caller had: no process-wide change."""
+    before = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = before
 
 
 def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
