@@ -19,7 +19,7 @@ by :meth:`RepGraph.compact`, which it calls once per pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -345,7 +345,7 @@ class RepGraph:
         )
 
     def read_linear(self, node: gs.Node) -> ConvParams:
-        """A Conv, or an AveragePool as the depthwise conv it equals (docs/rules.md); else Decline."""
+        """A Conv, or an AveragePool as the depthwise conv it equals (docs/rules.md §7); else Decline."""
         if node.op == "Conv":
             return self.read_conv(node)
         if node.op != "AveragePool":
@@ -473,7 +473,7 @@ class RepGraph:
         """A per-channel affine map y = x * scale + shift spelled as one node, or None.
 
         Recognizes inference BatchNormalization, Neg, and Mul/Div/Add/Sub of an activation by a
-        constant that broadcasts per channel (docs/rules.md). Returns (x, scale, shift) with
+        constant that broadcasts per channel (docs/rules.md §2). Returns (x, scale, shift) with
         float64 vectors over the channels of x. A pattern query: it never raises.
         """
         if node.op == "BatchNormalization":

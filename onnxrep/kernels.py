@@ -67,7 +67,7 @@ class ConvParams:
 
 
 # --------------------------------------------------------------------------------------
-# Batch normalization and per-channel affine maps (DESIGN 3.1, 3.2)
+# Batch normalization and per-channel affine maps (docs/rules.md §1, §2)
 # --------------------------------------------------------------------------------------
 
 
@@ -119,7 +119,7 @@ def affine_after_matmul(weight, bias, scale, shift):
 
 
 # --------------------------------------------------------------------------------------
-# Identity / per-channel branches as kernels (DESIGN 3.3)
+# Identity / per-channel branches as kernels (docs/rules.md §3)
 # --------------------------------------------------------------------------------------
 
 
@@ -140,7 +140,7 @@ def diagonal_conv(scale, shift, group: int) -> ConvParams:
 
 
 # --------------------------------------------------------------------------------------
-# Parallel branches (DESIGN 3.4)
+# Parallel branches (docs/rules.md §4)
 # --------------------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ def merge_parallel(
     allow_growth: bool = False,
     input_hw: Optional[Tuple[int, int]] = None,
 ) -> ConvParams:
-    """Sum of convolutions of one input tensor as one convolution (DESIGN 3.4).
+    """Sum of convolutions of one input tensor as one convolution (docs/rules.md §4).
 
     Kernels are placed in the union window (:func:`common_window`) and summed; biases add.
     """
@@ -253,7 +253,7 @@ def concat_parallel(
     allow_growth: bool = False,
     input_hw: Optional[Tuple[int, int]] = None,
 ) -> ConvParams:
-    """Concat(axis=1) of convolutions of one input as one convolution (DESIGN 3.5).
+    """Concat(axis=1) of convolutions of one input as one convolution (docs/rules.md §5).
 
     Kernels are placed in the union window (:func:`common_window`) and concatenated along
     Cout. Grouped branches are composed on their dense form and regrouped. A kernel smaller
@@ -275,7 +275,7 @@ def concat_parallel(
 
 
 def pad_into_conv(p: ConvParams, pad_top: int, pad_left: int, pad_bottom: int, pad_right: int) -> ConvParams:
-    """A constant-zero Pad of H/W before a conv adds to the conv's pads (DESIGN 3.8)."""
+    """A constant-zero Pad of H/W before a conv adds to the conv's pads (docs/rules.md §8)."""
     if min(pad_top, pad_left, pad_bottom, pad_right) < 0:
         raise Decline("negative pads (cropping) do not fold into a conv")
     t, l, b, r = p.pads
@@ -350,7 +350,7 @@ def _common_divisors(a: int, b: int):
 
 
 # --------------------------------------------------------------------------------------
-# Sequential convs (DESIGN 3.6)
+# Sequential convs (docs/rules.md §6)
 # --------------------------------------------------------------------------------------
 
 
@@ -400,7 +400,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
 
 
 def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) -> ConvParams:
-    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (DESIGN 3.7).
+    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (docs/rules.md §7).
 
     Exact when there is no padding or the padding counts in the average; Decline otherwise.
     """
@@ -412,7 +412,7 @@ def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) 
 
 
 # --------------------------------------------------------------------------------------
-# Any affine region (DESIGN 3.10): a kernel from impulse responses
+# Any affine region (docs/rules.md §10): a kernel from impulse responses
 # --------------------------------------------------------------------------------------
 
 

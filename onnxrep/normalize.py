@@ -1,6 +1,6 @@
 """Loading, validation and normalization before the rules run.
 
-Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.9):
+Normalization makes every exporter dialect look alike to the rules (docs/rules.md §9):
 
 * shape inference, so rules can compare shapes and channel counts;
 * ``CastLike(v, x)`` becomes ``Cast(v, to=dtype(x))``: it depends on x only through its dtype.

@@ -1,4 +1,4 @@
-"""Verification of a candidate model against the original with onnxruntime (DESIGN 4).
+"""Verification of a candidate model against the original with onnxruntime (docs/verification.md).
 
 Both models run with every onnxruntime graph optimization disabled, so the runtime's own
 fusions cannot make the reference look like the candidate. Inputs are seeded random draws at

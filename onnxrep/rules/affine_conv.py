@@ -3,7 +3,7 @@
 Before:  x -> Conv(W, b) -> Mul(s) / Add(t) / Sub(t) / Div(s) / Neg -> y      (s, t: [1,C,1,1] or scalar)
 After:   x -> Conv(W', b') -> y
 
-y = conv(x) * s + t  gives  W' = W * s[:, None, None, None],  b' = b * s + t  (DESIGN 3.2).
+y = conv(x) * s + t  gives  W' = W * s[:, None, None, None],  b' = b * s + t  (docs/rules.md §2).
 OREPA / MobileOne scaling layers export like this. A constant that varies over H or W, lines up
 with the width axis, or divides the constant by the activation is not per-channel affine and the
 rule declines by not matching.
@@ -12,8 +12,6 @@ rule declines by not matching.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..errors import Decline
 from ..graph import producer

@@ -5,7 +5,7 @@ Before:  x -> Conv1x1(W, b, stride 1) -> Pad(pads P, constant c) -> y      with 
 After:   x -> Conv1x1(W, b, pads + P) -> y
 
 A stride-1 1x1 conv with padding computes exactly its bias on the padded border, so padding its
-output with the value of its bias is the same as padding its input with zeros (DESIGN 3.6: a
+output with the value of its bias is the same as padding its input with zeros (docs/rules.md §6: a
 1x1 conv commutes with padding when the pad value is its own bias). This is how DBB's
 "BN then pad with the BN output of a zero input" appears once the BN is folded; written as
 pad(y - v) + v the Sub folds first (bias b - v ~ 0, pad value 0) and the Add after. With the

@@ -1,6 +1,6 @@
 """Depth concat and horizontal merging of parallel convs on one input.
 
-merge_parallel_concat (DESIGN 3.5)
+merge_parallel_concat (docs/rules.md §5)
     Before:  y = Concat(axis=1)[BN(conv3x3(x)), BN(conv1x1(x)), conv1x3(x), ...]
     After:   y = Conv(x, W = concat_Cout(kernels placed in the union window), b = concat(b))
     Consecutive Concat operands that are convs (or identity / BN-only branches) of the same

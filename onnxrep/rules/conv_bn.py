@@ -4,7 +4,7 @@ Before:  x -> Conv(W, b) -> BatchNormalization(gamma, beta, mean, var, eps) -> y
 After:   x -> Conv(W', b') -> y
 
 with sigma = sqrt(var + eps), s = gamma / sigma:
-    W' = W * s[:, None, None, None],   b' = (b - mean) * s + beta          (DESIGN 3.1)
+    W' = W * s[:, None, None, None],   b' = (b - mean) * s + beta          (docs/rules.md §1)
 ConvTranspose's weight is [Cin, Cout/g, kh, kw]: s goes on axis 1 of each group.
 Gemm / MatMul with a constant 2-D weight (rank-2 output, so BN's channel axis is the feature
 axis) become one Gemm whose weight columns are scaled.

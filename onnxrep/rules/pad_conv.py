@@ -4,7 +4,7 @@ Before:  x -> Pad(pads=[0,0,t,l, 0,0,b,r], value 0) -> Conv(pads=P) -> y
 After:   x -> Conv(pads=P + (t, l, b, r)) -> y
 
 Zero padding followed by a conv that reads zeros outside its input is the same as the conv
-padding by that much more (DESIGN 3.8). Every consumer of the padded tensor must be such a
+padding by that much more (docs/rules.md §8). Every consumer of the padded tensor must be such a
 Conv; a negative pad (crop), a non-zero value or a non-constant mode declines.
 """
 

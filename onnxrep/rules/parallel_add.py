@@ -8,10 +8,10 @@ affine ops (BatchNormalization; Mul/Div/Add/Sub by a per-channel constant) over 
 of some tensor x, or over x itself (identity and BN-only branches). Leaves with the same x are
 merged:
 
-* a conv leaf is its conv with the affine chain folded in (DESIGN 3.1, 3.2);
+* a conv leaf is its conv with the affine chain folded in (docs/rules.md §1, §2);
 * an identity / BN-only leaf is the 1x1 "diagonal" conv with kernel scale[o] at
-  W[o, o mod (C/g)] in the group layout of its sibling convs (DESIGN 3.3);
-* all are placed in the union window and summed (DESIGN 3.4, kernels.merge_parallel).
+  W[o, o mod (C/g)] in the group layout of its sibling convs (docs/rules.md §3);
+* all are placed in the union window and summed (docs/rules.md §4, kernels.merge_parallel).
 
 Per-channel constant leaves are folded into the bias. Leaves with other inputs (e.g. a branch
 with a Relu inside) stay and are added to the merged conv's output. The rule declines when no

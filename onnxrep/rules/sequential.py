@@ -12,7 +12,7 @@ After:   x -> Conv (W, b) -> y
   make the border wrong, so the rule declines (a border padded with b1 is first moved into
   conv1 by fold_border_pad_into_conv, which makes conv2 unpadded).
 * AveragePool is the depthwise conv with taps 1/k^2 (exact with zero pads or
-  count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (DESIGN 3.6, 3.7)
+  count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (docs/rules.md §6, §7)
 
 Cost (FLOPs as onnxrep.stats counts them, kernels.layer_flops): composing a 1x1 with a
 depthwise KxK (BSConv-U) or two 1x1s through a thin middle (BSConv-S) multiplies FLOPs. Such a composition is declined unless ``allow_growth``, or unless
