@@ -174,19 +174,57 @@ def normalize(graph: gs.Graph) -> gs.Graph:
     are constants now, so intermediate shapes that inference could not size become known.
     Returns the graph (the same object).
     """
+    _typed_constants(graph)
     for _ in range(3):
         before = len(graph.nodes)
         _castlike_to_cast(graph)
         graph.toposort()
         if _foldable(graph):
-            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            _fold(graph)
         _remove_identities(graph)
         if len(graph.nodes) == before:
             break
     graph.toposort()
     infer_shapes(graph)
     return graph
+
+
+#: Ops whose values are sequences or optionals: constant folding skips them (it can only hold
+#: tensors), and whatever reads them stays unfolded too.
+_NOT_FOLDED = {"SplitToSequence", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SequenceEmpty",
+               "Optional", "OptionalGetElement", "OptionalHasElement"}
+
+
+def _fold(graph: gs.Graph) -> None:
+    """Constant folding with onnxruntime, no size limit, never over sequence values.
+
+    Folding is an improvement, not a requirement: if it fails, the graph keeps the nodes it
+    could not fold (every tensor it did replace was computed, so the graph stays equal).
+    """
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None,
+                             should_exclude_node=lambda node: node.op in _NOT_FOLDED)
+    except Exception as exc:  # onnx-graphsurgeon outside its own error guard
+        log.debug("constant folding stopped: %s", first_line(exc))
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _typed_constants(graph: gs.Graph) -> None:
+    """``Constant(value_float(s)/value_int(s))`` as initializers of the type ONNX gives them
+    (float32, int64); read naively, a Python list of floats becomes a float64 tensor."""
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    for node in graph.nodes:
+        if node.op != "Constant" or len(node.outputs) != 1 or len(node.attrs) != 1:
+            continue
+        (key, value), = node.attrs.items()
+        if key not in kinds or node.outputs[0].name in {t.name for t in graph.outputs}:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.asarray(value, dtype=kinds[key]))
+        for consumer in list(out.outputs):
+            _replace_input(consumer, out, const)
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 def _foldable(graph: gs.Graph) -> bool:
@@ -262,8 +300,21 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.name = original.graph.name
     del model.functions[:]
     model.functions.extend(original.functions)
+    _forget_invented_dims(model)
     _keep_declared_output_dims(model, original)
     return model
+
+
+def _forget_invented_dims(model: onnx.ModelProto) -> None:
+    """Drop the names shape inference invents for dims it cannot size ('unk__3'): two tensors
+    sharing one would tell onnxruntime they have equal sizes, which inference does not know
+    (it gives every element of a sequence of unequal tensors the same name)."""
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param.startswith("unk__"):
+                d.ClearField("dim_param")
 
 
 def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
