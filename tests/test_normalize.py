@@ -93,7 +93,6 @@ def test_if_subgraphs_are_left_untouched_and_verified():
     assert sorted(n.op_type for n in branch.node) == ["BatchNormalization", "Conv"]
     for cond in (True, False):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32), "cond": np.array(cond)}
-        from helpers import run
         np.testing.assert_allclose(run(model, feeds)[0], run(out, feeds)[0], rtol=1e-4, atol=1e-5)
 
 
