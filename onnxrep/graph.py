@@ -406,6 +406,32 @@ class RepGraph:
             raise Decline(f"Pad '{node.name}' has {len(pads)} pads for a rank-{rank} input")
         return PadSpec(tuple(pads), value)
 
+    def read_matmul(self, node: gs.Node) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(W[K, M], bias[M] or None), float64, of ``y = x @ W + bias`` for a Gemm (alpha, beta and
+        transB applied) or MatMul with a constant 2-D weight; Decline otherwise."""
+        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+            raise Decline(f"'{node.name}' is {node.op}, not Gemm/MatMul")
+        w = const_value(node.inputs[1])
+        if w is None:
+            raise Decline(f"{node.op} '{node.name}' weight is not a constant")
+        if w.ndim != 2 or not is_float_dtype(w.dtype):
+            raise Decline(f"{node.op} '{node.name}' weight is not a 2-D float matrix")
+        w = np.asarray(w, dtype=np.float64)
+        if node.op == "MatMul":
+            return w, None
+        if int(node.attrs.get("transB", 0)):
+            w = w.T
+        w = w * float(node.attrs.get("alpha", 1.0))
+        if not _has_input(node, 2):
+            return w, None
+        c = const_value(node.inputs[2])
+        if c is None:
+            raise Decline(f"Gemm '{node.name}' bias is not a constant")
+        if c.size not in (1, w.shape[1]) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            raise Decline(f"Gemm '{node.name}' bias is not per-feature")
+        bias = np.asarray(c, np.float64) * float(node.attrs.get("beta", 1.0))
+        return w, np.broadcast_to(bias, (1, w.shape[1])).reshape(-1)
+
     def write_conv(self, base: str, params: ConvParams, x: Tensor, y: Tensor, dtype) -> gs.Node:
         """A new Conv node computing ``y`` from ``x`` with ``params`` (values cast to ``dtype``).
 

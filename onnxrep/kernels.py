@@ -118,6 +118,37 @@ def affine_after_matmul(weight, bias, scale, shift):
     return w * scale[None, :], b * scale + shift
 
 
+def affine_before_conv(p: ConvParams, scale, shift) -> ConvParams:
+    """x * scale + shift (per input channel) followed by a conv: one conv (docs/rules.md §2).
+
+    W'[o, i] = W[o, i] * scale[c];  b'[o] = b[o] + sum_{i, taps} W[o, i, taps] * shift[c], with c
+    the input channel that (o, i) reads in the group layout. Exact when the conv does not pad,
+    or when shift is zero (zero padding commutes with a scale); otherwise the border would read
+    0 where the original reads shift: Decline.
+    """
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (p.in_channels,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (p.in_channels,))
+    if any(p.pads) and np.any(shift != 0):
+        raise Decline("the conv pads its input with zeros, where the original reads the shift: wrong on the border")
+    w = np.asarray(p.weight, dtype=np.float64)
+    cout, cin_g = w.shape[:2]
+    channel = (np.arange(cout) // (cout // p.group))[:, None] * cin_g + np.arange(cin_g)[None, :]  # [Cout, Cin/g]
+    weight = w * scale[channel][:, :, None, None]
+    bias = np.asarray(p.bias, dtype=np.float64) + (w.sum(axis=(2, 3)) * shift[channel]).sum(axis=1)
+    return replace(p, weight=weight, bias=bias)
+
+
+def affine_before_matmul(weight, bias, scale, shift):
+    """(x * scale + shift) @ W + b over the K input features: x @ W' + b' with
+    W' = scale[:, None] * W and b' = b + shift @ W."""
+    w = np.asarray(weight, dtype=np.float64)
+    k, m = w.shape
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (k,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (k,))
+    b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w * scale[:, None], b + shift @ w
+
+
 # --------------------------------------------------------------------------------------
 # Identity / per-channel branches as kernels (docs/rules.md §3)
 # --------------------------------------------------------------------------------------

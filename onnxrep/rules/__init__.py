@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from ..errors import UsageError
 from ..passes import Rule
+from .affine_before import FoldAffineIntoNextLayer
 from .affine_conv import FoldAffineIntoConv
 from .affine_region import CollapseAffineRegion
 from .border_pad import FoldBorderPadIntoConv
@@ -25,6 +26,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldBorderPadIntoConv(),
     FoldBnIntoConv(),
     FoldAffineIntoConv(),
+    FoldAffineIntoNextLayer(),
     MergeParallelAdd(),
     ComposeSequentialConvs(),
     MergeParallelConcat(),

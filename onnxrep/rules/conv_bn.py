@@ -87,7 +87,7 @@ class FoldBnIntoConv(Rule):
             raise Decline(f"{layer.op} '{layer.name}' output is not 2-D: BN's channel axis is not its feature axis")
         if layer.op == "Gemm" and int(layer.attrs.get("transA", 0)) not in (0, 1):
             raise Decline(f"Gemm '{layer.name}' has an unexpected transA")
-        m.weight, m.bias = _as_matmul(layer, w)
+        m.weight, m.bias = g.read_matmul(layer)
         if m.weight.shape[1] != len(scale):
             raise Decline(f"{layer.op} '{layer.name}' has {m.weight.shape[1]} features, the BN {len(scale)}")
         return m
@@ -110,23 +110,3 @@ class FoldBnIntoConv(Rule):
                              [m.x, g.constant(f"{layer.name}.weight", w, m.dtype), g.constant(f"{layer.name}.bias", b, m.dtype)],
                              [m.y], attrs)
         return Rewrite(self.name, m.bn.name, (layer.name, m.bn.name), (new.name,), f"{layer.op} + BN")
-
-
-def _as_matmul(layer, w):
-    """(W[K, M], bias[M] or None) of y = x @ W + bias for a Gemm or MatMul with constant weight."""
-    w = np.asarray(w, dtype=np.float64)
-    if layer.op == "MatMul":
-        return w, None
-    alpha = float(layer.attrs.get("alpha", 1.0))
-    beta = float(layer.attrs.get("beta", 1.0))
-    if int(layer.attrs.get("transB", 0)):
-        w = w.T
-    w = w * alpha
-    if not (len(layer.inputs) > 2 and layer.inputs[2].name):
-        return w, None
-    c = const_value(layer.inputs[2])
-    if c is None:
-        raise Decline(f"Gemm '{layer.name}' bias is not a constant")
-    if c.size not in (1, w.shape[1]) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
-        raise Decline(f"Gemm '{layer.name}' bias is not per-feature")
-    return w, np.broadcast_to(np.asarray(c, np.float64) * beta, (1, w.shape[1])).reshape(-1)
