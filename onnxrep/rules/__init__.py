@@ -15,6 +15,7 @@ from .affine_region import CollapseAffineRegion
 from .border_pad import FoldBorderPadIntoConv
 from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
+from .gelu import CanonicalizeGelu
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
 from .sequential import ComposeSequentialConvs
@@ -30,6 +31,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     MergeParallelAdd(),
     ComposeSequentialConvs(),
     MergeParallelConcat(),
+    CanonicalizeGelu(),
     MergeHorizontalConvs(),
     CollapseAffineRegion(),
 )
