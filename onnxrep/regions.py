@@ -354,14 +354,11 @@ def dead_with(region, y) -> List[object]:
     return dead
 
 
-def expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
-    """What the fused conv will cost, from the region's layers alone (no probing).
-
-    Receptive fields compose along every path (extent + (k - 1) * stride so far); the fused
-    conv is dense when any layer mixes channels. Exact for real re-parameterizable blocks;
-    it could only overestimate a region whose taps cancel.
-    """
-    field = {x.name: (1, 1, 1, 1, False)}  # extent h, w, stride h, w, channels mixed
+def receptive_field(g, nodes, x, y):
+    """(extent h, extent w, stride h, stride w, dense) of the region from x to y, from its layers
+    alone: extents compose along every path (extent + (k - 1) * stride so far); dense when a
+    Conv reads several input channels per output."""
+    field = {x.name: (1, 1, 1, 1, False)}
     for node in toposort(nodes):
         ins = [field[t.name] for t in node.inputs if t.name in field]
         if not ins:
@@ -380,7 +377,32 @@ def expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
             mixed = mixed or (node.op == "Conv" and p.weight.shape[1] > 1)
         for o in node.outputs:
             field[o.name] = (eh, ew, sh, sw, mixed)
-    eh, ew, _, _, mixed = field.get(y.name, (1, 1, 1, 1, False))
+    return field.get(y.name, (1, 1, 1, 1, False))
+
+
+_MOVES_CHANNELS = {"Concat", "Split", "Gather", "Reshape", "Transpose", "Expand", "Squeeze", "Unsqueeze",
+                   "ScatterND", "ScatterElements", "Slice"}
+
+
+def channel_by_channel(g, nodes) -> bool:
+    """Whether every op keeps output channel c a function of input channel c alone, as far as
+    op types tell (depthwise convs, pools, per-channel elementwise ops): then all channels can
+    be probed at once. A guess the probes' acceptance check confirms."""
+    for node in nodes:
+        if node.op in _MOVES_CHANNELS:
+            return False
+        if node.op == "Conv":
+            p = g.read_linear(node)
+            if p.weight.shape[1] != 1 or p.out_channels != p.in_channels:
+                return False
+    return True
+
+
+def expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
+    """What the fused conv will cost, from the region's layers alone (no probing): dense when
+    any layer mixes channels. Exact for real re-parameterizable blocks; it could only
+    overestimate a region whose taps cancel."""
+    eh, ew, _, _, mixed = receptive_field(g, nodes, x, y)
     ho, wo = spatial_hw(y)
     per_output = c_in if mixed else max(1, c_in // math.gcd(c_in, c_out))
     return 2 * c_out * per_output * eh * ew * ho * wo

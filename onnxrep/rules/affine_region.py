@@ -28,7 +28,7 @@ the random check compares per channel too, so a channel 1e6x smaller than anothe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List
 
 import numpy as np
@@ -38,8 +38,8 @@ from ..graph import channels_of, is_float_dtype, spatial_hw, static_shape
 from ..kernels import ConvParams, channel_errors, impulse_positions, kernel_from_impulses, layer_flops
 from ..passes import Context, Match, Rewrite, Rule
 from ..probe import Submodel
-from ..regions import (AFFINE_INPUTS, TensorKinds, affine_node, batch_axis_kept, dead_with, expected_flops,
-                       grow_region, region_inputs, region_strides)
+from ..regions import (AFFINE_INPUTS, TensorKinds, affine_node, batch_axis_kept, channel_by_channel, dead_with,
+                       expected_flops, grow_region, receptive_field, region_inputs, region_strides)
 from ..stats import elementwise_flops
 
 CHECK_RTOL = 2e-5
@@ -131,7 +131,8 @@ class CollapseAffineRegion(Rule):
             raise Decline(f"{where}: one conv would cost about {expected} FLOPs, the region {region_flops}")
         try:
             sub = Submodel(g.graph, nodes, x, y, kinds)
-            fused = _recover(sub, c_in, hw_in, strides, c_out)
+            fused = _recover(sub, c_in, hw_in, strides, c_out, receptive_field(g, nodes, x, y),
+                             channel_by_channel(g, nodes))
         except Decline as exc:
             raise Decline(f"{where}: {exc}") from None
         fused_flops = layer_flops(fused, hw_out)
@@ -159,27 +160,73 @@ def one_layer_and_constants(nodes, kinds) -> bool:
     )
 
 
-def _recover(sub, c_in: int, hw, strides, c_out: int) -> ConvParams:
+def _recover(sub, c_in: int, hw, strides, c_out: int, field, channelwise: bool) -> ConvParams:
     """The conv equal to the region, from impulse probes, accepted only after a random check
-    at full resolution that is exact per output channel and independent of the batch."""
+    at full resolution that is exact per output channel and independent of the batch.
+
+    Probing is tried cheapest first: on a canvas sized by the receptive field rather than the
+    image (a convolution is translation-invariant; the border is settled by the full-size
+    check), with every channel at once when the region looks channel-by-channel; then with one
+    impulse per input channel; then at full size. The first result the check accepts wins.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, c_in) + tuple(hw)).astype(np.float32)
+    x[1] *= 1e3  # a second magnitude: an affine map scales, a clamp does not
+    want = _per_image(sub, x)
+    canvas = _canvas(hw, field, strides)
+    runners = [(sub.at_any_size(), canvas)] if canvas != tuple(hw) else []
+    runners.append((sub, tuple(hw)))
+    last = Decline("no probe ran")
+    for runner, size in runners:
+        if runner is None:
+            continue
+        for together in ((True, False) if channelwise and c_in == c_out else (False,)):
+            try:
+                fused = _probe(runner, c_in, size, strides, c_out, together)
+                _accept(sub, fused, x, want)
+                return fused
+            except Decline as exc:
+                last = exc
+    raise last
+
+
+def _canvas(hw, field, strides):
+    """A probing canvas three receptive fields wide (same size modulo twice the stride, so
+    the region's size arithmetic sees the same parities), or the image when that is smaller."""
+    eh, ew = field[0], field[1]
+    size = []
+    for n, e, s in zip(hw, (eh, ew), strides):
+        c = 3 * e + 4 * s
+        c += (n - c) % (2 * s)
+        size.append(min(n, c))
+    return tuple(size)
+
+
+def _probe(runner, c_in: int, hw, strides, c_out: int, together: bool) -> ConvParams:
+    """Kernel taps from impulses: one per input channel and stride residue, or (``together``)
+    one per residue on every channel at once, read as a depthwise kernel."""
     positions = impulse_positions(hw, strides)
-    n = c_in * len(positions)
-    probes = np.zeros((n + 1, c_in) + tuple(hw), np.float32)
-    for i in range(c_in):
+    rows = 1 if together else c_in
+    probes = np.zeros((rows * len(positions) + 1, c_in) + tuple(hw), np.float32)
+    for i in range(rows):
         for r, (ph, pw) in enumerate(positions):
-            probes[i * len(positions) + r, i, ph, pw] = IMPULSE
-    out = sub.run(probes).astype(np.float64)
+            probes[i * len(positions) + r, slice(None) if together else i, ph, pw] = IMPULSE
+    out = runner.run(probes).astype(np.float64)
+    if out.shape[0] != len(probes) or out.shape[1] != c_out:
+        raise Decline(f"the region maps a batch of {len(probes)} to shape {out.shape}: not a per-image conv")
     zero = out[-1]
     # A large impulse keeps the taps far above the rounding noise of the region's constants
     # (e.g. pad(y - v) + v); dividing by a power of two is exact.
     responses = zero + (out[:-1] - zero) / IMPULSE
-    responses = responses.reshape((c_in, len(positions)) + out.shape[1:])
+    responses = responses.reshape((rows, len(positions)) + out.shape[1:])
     fused = kernel_from_impulses(responses, zero, positions, strides, hw)
-    if out.shape[0] != n + 1 or out.shape[1] != c_out:
-        raise Decline(f"the region maps a batch of {n + 1} to shape {out.shape}: not a per-image conv")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, c_in) + tuple(hw)).astype(np.float32)
-    x[1] *= 1e3  # a second magnitude: an affine map scales, a clamp does not
+    if together:  # weight [C, 1, kh, kw]: output c read input c
+        fused = replace(fused, group=c_in)
+    return fused
+
+
+def _per_image(sub, x) -> np.ndarray:
+    """The region's output for ``x``, checked to treat each image of the batch on its own."""
     want = sub.run(x).astype(np.float64)
     one = sub.run(x[1:]).astype(np.float64)
     swapped = sub.run(x[::-1].copy()).astype(np.float64)
@@ -189,6 +236,11 @@ def _recover(sub, c_in: int, hw, strides, c_out: int) -> ConvParams:
         err, allowed = channel_errors(got_i[None], want_i[None], CHECK_RTOL, CHECK_RTOL * 1e-2)
         if np.any(err > allowed):
             raise Decline("the region's output for one image depends on the rest of the batch")
+    return want
+
+
+def _accept(sub, fused: ConvParams, x, want) -> None:
+    """Decline unless ``fused`` gives the region's output on ``x``, per image and channel."""
     got = sub.run_conv(x, fused).astype(np.float64)
     if got.shape != want.shape:
         raise Decline(f"the recovered conv gives shape {got.shape}, the region {want.shape}")
@@ -199,7 +251,6 @@ def _recover(sub, c_in: int, hw, strides, c_out: int) -> ConvParams:
             c = int(bad[0])
             raise Decline(f"no conv reproduces it (error {err[c]:.2e} in channel {c}, allowed {allowed[c]:.2e}, "
                           "on random input: not affine or not translation-equivariant)")
-    return fused
 
 
 def _node_flops(g, node) -> int:
