@@ -4,7 +4,7 @@ Rules import these (and the graph, kernels and pass-manager layers), never each 
 
 * :func:`read_leaf` reads one operand of a sum or concat backwards, through per-channel affine
   ops, down to a Conv of some tensor or to that tensor itself (identity / BN-only branches);
-* :func:`flatten_add` flattens a tree of Adds into its operands;
+* :func:`flatten_add` flattens a tree of Add / Sub / Sum joins into signed operands;
 * :func:`covered_by_sibling` tells whether a conv would be absorbed for free by a parallel
   branch (the growth exception of sequential composition);
 * :func:`judge_composition` decides whether conv2(conv1(x)) composes exactly and cheaply.
@@ -22,6 +22,8 @@ from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, sta
 from .kernels import ConvParams, affine_after_conv, compose_sequential, layer_flops, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
+#: Ops that join parallel branches by a signed sum.
+JOINS = ("Add", "Sub", "Sum")
 
 
 @dataclass
@@ -60,31 +62,34 @@ def same_shape(a, b) -> bool:
 
 
 def flatten_add(g: RepGraph, root):
-    """The Add nodes of the tree rooted at ``root`` and its operand tensors, left to right."""
-    adds, operands, stack = [], [], [root]
+    """The join nodes (Add, Sub, Sum) of the tree rooted at ``root`` and its operands as
+    (tensor, sign) pairs, left to right: Sub's second operand counts negatively."""
+    joins, operands, stack = [], [], [(root, 1.0)]
     while stack:
-        node = stack.pop()
-        adds.append(node)
-        for t in node.inputs:
+        node, sign = stack.pop()
+        joins.append(node)
+        for i, t in enumerate(node.inputs):
+            s = -sign if node.op == "Sub" and i == 1 else sign
             child = producer(t)
             if (
                 child is not None
-                and child.op == "Add"
+                and child.op in JOINS
                 and g.sole_consumer(t) is node
                 and same_shape(t, node.outputs[0])
             ):
-                stack.append(child)
+                stack.append((child, s))
             else:
-                operands.append(t)
-    return adds, operands
+                operands.append((t, s))
+    return joins, operands
 
 
-def read_leaf(g: RepGraph, t) -> Leaf:
-    """Walk back from an operand through per-channel affine ops to a Conv or a base tensor."""
+def read_leaf(g: RepGraph, t, sign: float = 1.0) -> Leaf:
+    """Walk back from an operand through per-channel affine ops to a Conv or a base tensor;
+    ``sign`` (-1 for a subtracted operand) is folded into the leaf's map."""
     if const_value(t) is not None:
         return Leaf(tensor=t, base=None)
     channels = channels_of(t)
-    scale, shift = np.ones(channels or 1), np.zeros(channels or 1)
+    scale, shift = np.full(channels or 1, sign), np.zeros(channels or 1)
     nodes, cur = [], t
     while True:
         node = producer(cur)
@@ -123,7 +128,7 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
         consumer = g.sole_consumer(t)
         if consumer is None:
             return False
-        if consumer.op == "Add":
+        if consumer.op in JOINS:
             break
         affine = g.read_channel_affine(consumer)
         if affine is None or affine[0] is not t:
@@ -132,12 +137,12 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
     root = consumer
     while True:
         parent = g.sole_consumer(root.outputs[0])
-        if parent is None or parent.op != "Add" or not same_shape(root.outputs[0], parent.outputs[0]):
+        if parent is None or parent.op not in JOINS or not same_shape(root.outputs[0], parent.outputs[0]):
             break
         root = parent
     _, operands = flatten_add(g, root)
-    for operand in operands:
-        leaf = read_leaf(g, operand)
+    for operand, sign in operands:
+        leaf = read_leaf(g, operand, sign)
         if leaf.conv is None or leaf.base is not base or leaf.tensor is t:
             continue
         if params is None:  # only asked whether such a sibling exists

@@ -1,7 +1,10 @@
-"""merge_parallel_add: parallel branches on one input joined by Add become one Conv.
+"""merge_parallel_add: parallel branches on one input joined by Add (or Sub, Sum) become one Conv.
 
 Before (RepVGG):  y = BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)     (Add tree of any shape)
 After:            y = Conv(x, W, b)
+
+The tree may mix Add, Sub (RIFormer's conv(t) - t) and variadic Sum (tf2onnx's AddN);
+a subtracted operand enters with its kernel and bias negated.
 
 The Add tree is flattened into its leaves. Each leaf is read backwards as a chain of per-channel
 affine ops (BatchNormalization; Mul/Div/Add/Sub by a per-channel constant) over either a Conv
@@ -29,7 +32,7 @@ from ..errors import Decline
 from ..graph import const_value, per_channel, spatial_hw, static_shape
 from ..kernels import ConvParams, diagonal_conv, merge_parallel
 from ..passes import Context, Match, Rewrite, Rule
-from ..patterns import Leaf, flatten_add, read_leaf, same_shape
+from ..patterns import JOINS, Leaf, flatten_add, read_leaf, same_shape
 
 
 @dataclass
@@ -43,9 +46,9 @@ class Merge:
 @dataclass
 class AddMatch(Match):
     root: object
-    adds: List[object]
+    adds: List[object]  # the join nodes: Add, Sub, Sum
     merges: List[Merge]
-    rest: List[object]  # tensors added unchanged to the merged result
+    rest: List[tuple]  # (tensor, sign) added (+1) or subtracted (-1) unchanged
 
     @property
     def removes(self):
@@ -58,24 +61,25 @@ class AddMatch(Match):
 
 class MergeParallelAdd(Rule):
     name = "merge_parallel_add"
-    ops = ("Add",)
-    summary = "parallel conv / identity / BN branches of one input joined by Add -> one Conv"
+    ops = JOINS
+    summary = "parallel conv / identity / BN branches of one input joined by Add/Sub/Sum -> one Conv"
 
     def match(self, ctx: Context, node):
         g = ctx.graph
         out = node.outputs[0]
         parent = g.sole_consumer(out)
-        if parent is not None and parent.op == "Add" and same_shape(out, parent.outputs[0]):
-            return None  # the root of this Add tree anchors the match
+        if parent is not None and parent.op in JOINS and same_shape(out, parent.outputs[0]):
+            return None  # the root of this tree of joins anchors the match
         adds, operands = flatten_add(g, node)
-        if any(const_value(t) is not None for t in operands) and len(operands) == 2:
+        if any(const_value(t) is not None for t, _ in operands) and len(operands) == 2:
             return None  # a bias Add: fold_affine_into_conv's business
-        leaves = [read_leaf(g, t) for t in operands]
+        leaves = [read_leaf(g, t, sign) for t, sign in operands]
+        signs = {id(leaf): sign for leaf, (_, sign) in zip(leaves, operands)}
         groups: Dict[str, List[Leaf]] = {}
         for leaf in leaves:
             if leaf.base is not None:
                 groups.setdefault(leaf.base.name, []).append(leaf)
-        constants = [t for t in operands if const_value(t) is not None]
+        constants = [(t, sign) for t, sign in operands if const_value(t) is not None]
         merges, reasons = [], []
         for members in groups.values():
             if len(members) < 2 or all(m.conv is None for m in members):
@@ -90,15 +94,16 @@ class MergeParallelAdd(Rule):
             names = sorted({leaf.base.name if leaf.base is not None else leaf.tensor.name for leaf in leaves})
             raise Decline(f"no two branches share an input with a conv among them (inputs: {', '.join(names)})")
         merged_ids = {id(leaf) for m in merges for leaf in m.leaves}
-        rest = [leaf.tensor for leaf in leaves if id(leaf) not in merged_ids and const_value(leaf.tensor) is None]
+        rest = [(leaf.tensor, signs[id(leaf)]) for leaf in leaves
+                if id(leaf) not in merged_ids and const_value(leaf.tensor) is None]
         # Constant leaves join the first merged conv's bias when they are per-channel.
         first = merges[0]
-        for c in constants:
+        for c, sign in constants:
             vec = per_channel(const_value(c), first.params.out_channels, len(static_shape(out) or ()))
             if vec is None:
-                rest.append(c)
+                rest.append((c, sign))
             else:
-                first.params = replace(first.params, bias=first.params.bias + vec)
+                first.params = replace(first.params, bias=first.params.bias + sign * vec)
         m = AddMatch(node, adds, merges, rest)
         reason = g.escapes(m.removes, keep=[out])
         if reason:
@@ -115,11 +120,11 @@ class MergeParallelAdd(Rule):
             y = out if only else g.variable(f"{m.root.name}.merged", out)
             created.append(g.write_conv(f"{m.root.name}.conv", mg.params, mg.base, y, mg.dtype).name)
             terms.append(y)
-        terms += m.rest
-        acc = terms[0]
-        for i, t in enumerate(terms[1:], start=1):
+        terms = [(t, 1.0) for t in terms] + list(m.rest)  # merged convs carry their signs
+        acc = terms[0][0]
+        for i, (t, sign) in enumerate(terms[1:], start=1):
             y = out if i == len(terms) - 1 else g.variable(f"{m.root.name}.sum", out)
-            created.append(g.add_node("Add", m.root.name, [acc, t], [y]).name)
+            created.append(g.add_node("Add" if sign > 0 else "Sub", m.root.name, [acc, t], [y]).name)
             acc = y
         detail = "; ".join(
             "+".join(leaf.kind for leaf in mg.leaves) + f" -> conv{mg.params.kernel_shape[0]}x{mg.params.kernel_shape[1]}"
