@@ -3,13 +3,14 @@ back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cl
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import VerificationError
+from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .graph import RepGraph
 from .modelio import needs_external_data
 from .normalize import (export, import_graph, load_model, normalize, quiet_graphsurgeon, resolve_input_shapes,
@@ -22,7 +23,7 @@ from .verify import Verifier
 
 
 def optimize(
-    model: Union[str, onnx.ModelProto],
+    model: Union[str, "os.PathLike[str]", bytes, onnx.ModelProto],
     *,
     input_shapes: Optional[Dict[str, Sequence[int]]] = None,
     rtol: Optional[float] = None,
@@ -38,13 +39,17 @@ def optimize(
     """Re-parameterize a training-structure model into its deploy structure.
 
     Args:
-        model: path to an .onnx file or a loaded ModelProto (never modified).
+        model: path (str or os.PathLike) to an .onnx file (external data beside it is read
+            too), the serialized model as bytes, or a loaded ModelProto (never modified).
         input_shapes: concrete shapes for inputs with dynamic dims (a dynamic batch axis
-            defaults to 1; other dynamic dims must be given).
-        rtol, atol: verification tolerance (defaults: fp32 1e-4 / 1e-5, fp16 1e-2 / 1e-3).
-        only, skip: rule names to restrict to / leave out (see ``onnxrep.rules.DEFAULT_RULES``).
+            defaults to 1; other dynamic dims must be given). The result keeps its dynamic dims.
+        rtol, atol: verification tolerance (docs/verification.md); None picks the defaults for
+            the model's computation dtype.
+        only, skip: a rule name or several, to restrict to / leave out
+            (``onnxrep.rules.DEFAULT_RULES`` lists them).
         verify: compare with the original in onnxruntime; False returns an unverified model.
         verify_draws: number of random input draws compared.
+        seed: seed of the random verification inputs (runs are reproducible).
         allow_growth: also apply rewrites that raise FLOPs (misaligned branches, 1x1 -> depthwise
             compositions, concat branches padded with zero taps).
         rollback: on a verification failure, find the rewrite responsible, drop it and keep the
@@ -76,10 +81,15 @@ class _Options:
 def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
     t0 = time.perf_counter()
     external = False
-    if isinstance(model, str):
-        label, (original, external) = model, load_model(model)
-    else:
+    if isinstance(model, (str, os.PathLike)):
+        label = os.fspath(model)
+        original, external = load_model(label)
+    elif isinstance(model, (bytes, bytearray)):
+        label, original = "<bytes>", _parse(bytes(model))
+    elif isinstance(model, onnx.ModelProto):
         label, original = "<model>", model
+    else:
+        raise UsageError(f"optimize() takes a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
     validate(original, label)
     rules = select_rules(o.only, o.skip)
     shapes = resolve_input_shapes(original, o.input_shapes, label)
@@ -136,6 +146,15 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0
     return candidate, report
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:
+        raise OnnxrepError(f"<bytes>: not a readable ONNX model ({first_line(exc)})") from None
+    return model
 
 
 def _locate(build, verifier: Verifier, deny, result: PassResult, check, label: str):

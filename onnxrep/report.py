@@ -47,6 +47,9 @@ class Report:
             "warnings": self.warnings,
         }
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self, verbose: bool = False) -> str:
         lines = [f"onnxrep: {self.input} -> {self.output or '(not written)'}"]
         b, a = self.before, self.after

@@ -40,8 +40,10 @@ RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}
 
 
 def select_rules(only: Optional[Iterable[str]] = None, skip: Optional[Iterable[str]] = None) -> Tuple[Rule, ...]:
-    """The default rules filtered by ``only`` / ``skip`` names; unknown names are an error."""
-    only, skip = list(only or ()), list(skip or ())
+    """The default rules filtered by ``only`` / ``skip`` names (one name or several); unknown
+    names are an error."""
+    only = [only] if isinstance(only, str) else list(only or ())
+    skip = [skip] if isinstance(skip, str) else list(skip or ())
     for name in only + skip:
         if name not in RULES_BY_NAME:
             raise UsageError(f"unknown rule '{name}' (known: {', '.join(RULES_BY_NAME)})")
