@@ -80,10 +80,14 @@ def _verification_dict(v: Optional[VerifyResult]):
         return None
     return {
         "ok": v.ok,
+        "criterion": v.criterion(),
+        "dtype": v.dtype,
         "rtol": v.rtol,
+        "floor_rel": v.floor_rel,
         "atol": v.atol,
         "draws": v.draws,
         "max_abs_error": v.max_abs_error,
+        "max_error_ratio": v.max_error_ratio,
         "outputs": [asdict(o) for o in v.outputs],
     }
 

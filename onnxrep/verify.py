@@ -1,62 +1,127 @@
 """Verification of a candidate model against the original with onnxruntime (DESIGN 4).
 
-Both models run with every onnxruntime graph optimization disabled, so the runtime's own
-fusions cannot make the reference look like the candidate. Inputs are seeded random draws at
-the resolved input shapes, alternating standard normal and positive uniform [0, 1). For every
-output and draw the pass condition is
+See docs/verification.md for the reasoning; in short:
 
-    max|y - y_ref| <= atol + rtol * max|y_ref|
+* Both models run with every onnxruntime graph optimization disabled, so the runtime's own
+  fusions cannot make the reference look like the candidate.
+* Criterion, for every compared tensor, draw and channel c (axis 1 when rank >= 2, else the
+  whole tensor)::
 
-Default tolerances: float32 rtol 1e-4, atol 1e-5; float16 (any fp16 output) rtol 1e-2, atol 1e-3.
+      max|y_c - ref_c| <= rtol * max|ref_c| + floor,   floor = floor_rel * max|ref|
+
+  ``max|ref|`` is over the whole tensor, so the floor only matters for channels that are (near)
+  zero next to the others; ``atol`` replaces it by an absolute floor. Non-finite values must match in position and kind; integer
+  and bool tensors must match exactly. Defaults follow the computation dtype
+  (:func:`computation_dtype`), see :data:`TOLERANCES`.
+* Draws: a fixed seed; float inputs alternate standard normal and positive uniform [0, 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto
 
 from . import modelio
 from .errors import OnnxrepError, first_line
 
-FP32_TOL = (1e-4, 1e-5)  # (rtol, atol)
-FP16_TOL = (1e-2, 1e-3)
+#: (rtol, floor_rel) by computation dtype. float16: 1e-2 is about ten float16 ulps (eps 2^-10)
+#: of headroom for the reference's own branch-by-branch rounding. bfloat16 rounds 8x coarser
+#: (eps 2^-7); keeping ten ulps would accept an 8 % error, so it gets 5e-2 (six ulps), which
+#: still rejects a channel that is 5 % off. float64 models get the float32 criterion.
+TOLERANCES: Dict[str, Tuple[float, float]] = {
+    "float64": (1e-4, 1e-6),
+    "float32": (1e-4, 1e-6),
+    "float16": (1e-2, 1e-3),
+    "bfloat16": (5e-2, 5e-3),
+}
+
+_FLOAT_TYPES = {
+    TensorProto.DOUBLE: "float64",
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+_PRECISION = ("bfloat16", "float16", "float32", "float64")  # lowest first
 
 
 @dataclass
-class OutputCheck:
+class TensorCheck:
+    """How one tensor compared, over all draws and shapes (the worst draw is described)."""
+
     name: str
+    #: largest |y - ref| anywhere in the tensor, over all draws
     max_abs_error: float
+    #: allowance of the deciding channel at the deciding draw: rtol * max|ref_c| + floor
     allowed: float
     ok: bool
     note: str = ""
+    #: max |y_c - ref_c| of the deciding channel (the one with the largest error / allowed)
+    error: float = 0.0
+    ratio: float = 0.0  # error / allowed (> 1: fails)
+    channel: Optional[int] = None  # None: compared as one (rank < 2)
+    draw: str = ""  # kind of the deciding draw
+
+
+#: The name used before per-tensor checks existed.
+OutputCheck = TensorCheck
 
 
 @dataclass
 class VerifyResult:
     ok: bool
     rtol: float
-    atol: float
+    #: absolute floor when given (--atol); None: the floor is floor_rel * max|ref| per tensor
+    atol: Optional[float]
     draws: int
-    outputs: List[OutputCheck] = field(default_factory=list)
+    floor_rel: float = 0.0
+    dtype: str = "float32"  # computation dtype the default tolerances were chosen for
+    outputs: List[TensorCheck] = field(default_factory=list)
 
     @property
     def max_abs_error(self) -> float:
+        """Largest |y - y_ref| over the graph outputs."""
         return max((o.max_abs_error for o in self.outputs), default=0.0)
 
+    @property
+    def max_error_ratio(self) -> float:
+        """Largest error / allowed over the graph outputs (1.0: at the tolerance)."""
+        return max((o.ratio for o in self.outputs), default=0.0)
+
+    def criterion(self) -> str:
+        floor = f"{self.atol:g}" if self.atol is not None else f"{self.floor_rel:g} * max|ref|"
+        return f"max|y_c - ref_c| <= {self.rtol:g} * max|ref_c| + {floor} per channel ({self.dtype})"
+
     def describe(self) -> str:
-        worst = max(self.outputs, key=lambda o: o.max_abs_error / max(o.allowed, 1e-300), default=None)
-        if worst is None:
-            return "no outputs compared"
-        status = "verified" if self.ok else "FAILED verification"
-        extra = f" ({worst.note})" if worst.note else ""
-        return (
-            f"{status}: max |error| {worst.max_abs_error:.2e} on '{worst.name}', allowed {worst.allowed:.2e} "
-            f"(atol {self.atol:g} + rtol {self.rtol:g} * max|ref|), {self.draws} draws{extra}"
+        """One line: verdict, the deciding output, the criterion and the draws."""
+        scope = (
+            f"{len(self.outputs)} output(s); {self.criterion()}; {self.draws} draws"
         )
+        if not self.outputs:
+            return f"{'verified' if self.ok else 'FAILED verification'}: no outputs compared"
+        if self.ok:
+            worst = max(self.outputs, key=lambda o: o.ratio)
+            where = f"'{worst.name}'" + (f" channel {worst.channel}" if worst.channel is not None else "")
+            return (
+                f"verified: {scope}; worst {worst.ratio:.1%} of allowed "
+                f"(|error| {worst.error:.2e} on {where}, {worst.draw} draw)"
+            )
+        failing = [o for o in self.outputs if not o.ok]
+        bad = failing[0]
+        chan = f" channel {bad.channel}" if bad.channel is not None else ""
+        detail = bad.note or f"max |error| {bad.error:.2e}, allowed {bad.allowed:.2e}"
+        at = f", {bad.draw} draw" if bad.draw else ""
+        count = f"; {len(failing)} outputs differ" if len(failing) > 1 else ""
+        return f"FAILED verification: '{bad.name}'{chan}: {detail}{at}{count}; compared {scope}"
+
+
+# --------------------------------------------------------------------------------------
+# Models, types, inputs
+# --------------------------------------------------------------------------------------
 
 
 def _session(model: onnx.ModelProto, label: str) -> ort.InferenceSession:
@@ -84,7 +149,40 @@ _NP_TYPES = {
 }
 
 
+def computation_dtype(model: onnx.ModelProto) -> str:
+    """The lowest float precision among the model's float initializers, Cast targets, Constant
+    values and graph outputs: an fp16 model with fp32 inputs and outputs computes in fp16."""
+    seen: Set[int] = {t.data_type for t in model.graph.initializer}
+    seen |= {o.type.tensor_type.elem_type for o in model.graph.output}
+    for node in _all_nodes(model.graph):
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to":
+                seen.add(a.i)
+            elif node.op_type == "Constant" and a.name == "value":
+                seen.add(a.t.data_type)
+    names = {_FLOAT_TYPES[t] for t in seen if t in _FLOAT_TYPES}
+    return next((p for p in _PRECISION if p in names), "float32")
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:
+    """(rtol, floor_rel) for the model's computation dtype."""
+    return TOLERANCES[computation_dtype(model)]
+
+
 def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], draws: int, seed: int, label: str):
+    """``draws`` feeds: float inputs alternate standard normal and uniform [0, 1); integer and
+    bool ones are random."""
     rng = np.random.default_rng(seed)
     feeds = []
     for i in range(draws):
@@ -105,13 +203,68 @@ def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], dra
     return feeds
 
 
-def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:
-    fp16 = any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output)
-    return FP16_TOL if fp16 else FP32_TOL
+# --------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cmp:
+    ok: bool
+    ratio: float
+    error: float
+    allowed: float
+    max_abs: float
+    channel: Optional[int] = None
+    note: str = ""
+
+
+def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol: Optional[float] = None) -> _Cmp:
+    """One tensor at one draw: per channel max|y_c - ref_c| <= rtol * max|ref_c| + floor, with
+    floor = floor_rel * max|ref| over the whole tensor, or ``atol`` when given."""
+    y, ref = np.asarray(y), np.asarray(ref)
+    if y.shape != ref.shape:
+        return _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"), note=f"shape {list(y.shape)} != {list(ref.shape)}")
+    if y.dtype != ref.dtype:
+        return _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"), note=f"dtype {y.dtype} != {ref.dtype}")
+    if y.size == 0:
+        return _Cmp(True, 0.0, 0.0, 0.0, 0.0)
+    if not np.issubdtype(ref.dtype, np.floating):
+        same = bool(np.array_equal(y, ref))
+        return _Cmp(same, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0,
+                    0.0 if same else float("inf"), note="" if same else "integer values differ")
+    yf, rf = y.astype(np.float64), ref.astype(np.float64)
+    finite = np.isfinite(rf)
+    if not finite.all() or not np.isfinite(yf).all():
+        if not (np.array_equal(np.isnan(yf), np.isnan(rf)) and np.array_equal(np.isposinf(yf), np.isposinf(rf))
+                and np.array_equal(np.isneginf(yf), np.isneginf(rf))):
+            return _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"), note="non-finite values differ")
+        yf, rf = np.where(finite, yf, 0.0), np.where(finite, rf, 0.0)
+    diff, mag = np.abs(yf - rf), np.abs(rf)
+    if rf.ndim >= 2:
+        c = rf.shape[1]
+        diff_c = np.moveaxis(diff, 1, 0).reshape(c, -1).max(axis=1)
+        mag_c = np.moveaxis(mag, 1, 0).reshape(c, -1).max(axis=1)
+    else:
+        diff_c, mag_c = diff.max(keepdims=True), mag.max(keepdims=True)
+    floor = atol if atol is not None else floor_rel * float(mag.max())
+    allowed_c = rtol * mag_c + floor
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_c = np.where(diff_c == 0, 0.0, diff_c / allowed_c)
+    k = int(np.argmax(ratio_c))
+    ratio = float(ratio_c[k])
+    return _Cmp(ratio <= 1.0, ratio, float(diff_c[k]), float(allowed_c[k]), float(diff.max()),
+                k if rf.ndim >= 2 else None)
+
+
+# --------------------------------------------------------------------------------------
+# The verifier
+# --------------------------------------------------------------------------------------
 
 
 class Verifier:
-    """Runs the reference once per draw and compares candidates against those outputs."""
+    """Runs the reference once per draw, keeps its outputs, and compares candidates against
+    them (``check``)."""
 
     def __init__(
         self,
@@ -123,53 +276,57 @@ class Verifier:
         draws: int = 3,
         seed: int = 0,
     ):
+        """
+        Args:
+            reference: the original model (not modified).
+            shapes: concrete shape of every graph input to draw.
+            rtol: relative tolerance per channel (default by computation dtype, see TOLERANCES).
+            atol: absolute floor replacing the relative one (floor_rel * max|ref|); None: relative.
+            draws: input draws (float inputs: standard normal, then uniform [0, 1), alternating).
+        """
         if draws < 1:
             raise OnnxrepError(f"{label}: --verify-draws must be at least 1")
-        d_rtol, d_atol = default_tolerances(reference)
+        self.dtype = computation_dtype(reference)
+        d_rtol, self.floor_rel = TOLERANCES[self.dtype]
         self.rtol = d_rtol if rtol is None else float(rtol)
-        self.atol = d_atol if atol is None else float(atol)
+        self.atol = None if atol is None else float(atol)
         self.label = label
         self.draws = draws
+        self.draw_kinds = ["normal" if i % 2 == 0 else "uniform+" for i in range(draws)]
+        self.output_names = [o.name for o in reference.graph.output]
         session = _session(reference, label)
-        self.output_names = [o.name for o in session.get_outputs()]
         self.feeds = make_inputs(session, shapes, draws, seed, label)
         try:
-            self.expected = [session.run(None, feed) for feed in self.feeds]
-        except Exception as exc:
+            self.expected = [dict(zip(self.output_names, session.run(self.output_names, feed))) for feed in self.feeds]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise OnnxrepError(f"{label}: onnxruntime failed to run the original model ({first_line(exc)})") from None
 
     def check(self, candidate: onnx.ModelProto) -> VerifyResult:
-        session = _session(candidate, f"{self.label} (optimized)")
-        names = [o.name for o in session.get_outputs()]
-        result = VerifyResult(ok=True, rtol=self.rtol, atol=self.atol, draws=self.draws)
+        result = VerifyResult(
+            ok=True, rtol=self.rtol, atol=self.atol, draws=self.draws, floor_rel=self.floor_rel, dtype=self.dtype,
+        )
+        names = [o.name for o in candidate.graph.output]
         if names != self.output_names:
             result.ok = False
-            result.outputs.append(OutputCheck(",".join(names), float("inf"), 0.0, False, "output names changed"))
+            result.outputs.append(TensorCheck(",".join(names), float("inf"), 0.0, False, "output names changed",
+                                              ratio=float("inf")))
             return result
-        worst: Dict[str, OutputCheck] = {}
-        for feed, expected in zip(self.feeds, self.expected):
-            got = session.run(None, feed)
-            for name, y, ref in zip(names, got, expected):
-                check = _compare(name, np.asarray(y), np.asarray(ref), self.rtol, self.atol)
+        session = _session(candidate, f"{self.label} (optimized)")
+        worst: Dict[str, TensorCheck] = {}
+        for kind, feed, ref in zip(self.draw_kinds, self.feeds, self.expected):
+            for name, y in zip(self.output_names, session.run(self.output_names, feed)):
+                cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol)
+                unit = cmp.max_abs
                 prev = worst.get(name)
-                if prev is None or (prev.ok and not check.ok) or (prev.ok == check.ok and check.max_abs_error > prev.max_abs_error):
-                    worst[name] = check
-        result.outputs = list(worst.values())
+                if prev is None:
+                    worst[name] = TensorCheck(name, unit, cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio,
+                                              cmp.channel, kind)
+                    continue
+                prev.max_abs_error = max(prev.max_abs_error, unit)
+                if cmp.ratio > prev.ratio or (prev.ok and not cmp.ok):
+                    prev.allowed, prev.ok, prev.note, prev.error = cmp.allowed, cmp.ok, cmp.note, cmp.error
+                    prev.ratio, prev.channel, prev.draw = cmp.ratio, cmp.channel, kind
+        result.outputs = [worst[n] for n in self.output_names]
         result.ok = all(o.ok for o in result.outputs)
         return result
 
-
-def _compare(name: str, y: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputCheck:
-    if y.shape != ref.shape:
-        return OutputCheck(name, float("inf"), 0.0, False, f"shape {y.shape} != {ref.shape}")
-    if y.dtype != ref.dtype:
-        return OutputCheck(name, float("inf"), 0.0, False, f"dtype {y.dtype} != {ref.dtype}")
-    if y.size == 0:
-        return OutputCheck(name, 0.0, atol, True)
-    yf, rf = y.astype(np.float64), ref.astype(np.float64)
-    finite = np.isfinite(rf)
-    if not np.array_equal(np.isfinite(yf), finite) or not np.array_equal(np.isnan(yf), np.isnan(rf)):
-        return OutputCheck(name, float("inf"), 0.0, False, "non-finite values differ")
-    err = float(np.max(np.abs(yf[finite] - rf[finite]), initial=0.0))
-    allowed = atol + rtol * float(np.max(np.abs(rf[finite]), initial=0.0))
-    return OutputCheck(name, err, allowed, err <= allowed)

@@ -1,0 +1,285 @@
+"""The verifier against deliberately wrong candidates (DESIGN 4), and correct ones that must pass.
+
+Each wrong candidate below is hand-made from its reference by one small change (a zeroed or
+scaled channel). The cases marked
+"blind spot" are accepted by the criterion onnxrep used before (one global
+``max|y - ref| <= 1e-5 + 1e-4 * max|ref|`` per output, normal and uniform draws at one shape);
+``old_criterion_accepts`` re-checks that, so each of those tests keeps testing a real blind spot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxrep
+from helpers import GraphBuilder, run
+from onnxrep.verify import TOLERANCES, Verifier, compare, computation_dtype
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def static_shapes(model):
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+def verify(reference, candidate, shapes=None, **kw):
+    return Verifier(reference, shapes or static_shapes(reference), "test", **kw).check(candidate)
+
+
+def old_criterion_accepts(reference, candidate, shapes=None):
+    """The criterion before per-channel checks: 3 draws (normal, uniform, normal) at one shape,
+    max|y - ref| <= 1e-5 + 1e-4 * max|ref| per output."""
+    shapes = shapes or static_shapes(reference)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        feed = {k: (rng.standard_normal(s) if i % 2 == 0 else rng.uniform(0, 1, s)).astype(np.float32)
+                for k, s in shapes.items()}
+        for y, r in zip(run(candidate, feed), run(reference, feed)):
+            if y.shape != r.shape or np.max(np.abs(y.astype(np.float64) - r)) > 1e-5 + 1e-4 * np.max(np.abs(r)):
+                return False
+    return True
+
+
+def initializer(model, name):
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).copy()
+
+
+def with_initializer(model, name, value):
+    """A copy of ``model`` whose initializer ``name`` holds ``value``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    t = next(t for t in out.graph.initializer if t.name == name)
+    t.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=numpy_helper.to_array(t).dtype), name))
+    return out
+
+
+def conv_node(model, index=0):
+    return [n for n in model.graph.node if n.op_type == "Conv"][index]
+
+
+def two_layer(seed=0):
+    """x -> Conv 4->4 -> Relu -> Conv 4->3."""
+    b = GraphBuilder([1, 4, 8, 8], seed=seed)
+    h = b.node("Relu", [b.conv(b.x, 4, 4)])
+    return b.build(b.conv(h, 4, 3))
+
+
+# ---- correct candidates pass -------------------------------------------------------------
+
+
+def test_identical_candidate_passes():
+    model = two_layer()
+    result = verify(model, model)
+    assert result.ok
+    assert result.max_abs_error == 0.0 and result.max_error_ratio == 0.0
+    line = result.describe()
+    assert line.startswith("verified: ") and "\n" not in line
+    assert "0.0001 * max|ref_c| + 1e-06 * max|ref|" in line and "(float32)" in line
+
+
+def test_optimized_repvgg_block_passes():
+    b = GraphBuilder([1, 4, 9, 9])
+    y = b.add(b.bn(b.conv(b.x, 4, 4, bias=False), 4), b.bn(b.conv(b.x, 4, 4, k=1, bias=False), 4), b.bn(b.x, 4))
+    model = b.build(b.node("Relu", [y]))
+    out, _ = onnxrep.optimize(model, verify=False)
+    assert len(out.graph.node) == 2
+    result = verify(model, out)
+    assert result.ok, result.describe()
+    assert 0 < result.max_error_ratio < 0.1
+
+
+# ---- (a) one channel wrong next to a much larger one --------------------------------------
+
+
+def big_and_small_channels():
+    """Conv 4->2 whose channel 0 is 3e4 times channel 1."""
+    b = GraphBuilder([1, 4, 8, 8])
+    model = b.build(b.conv(b.x, 4, 2))
+    conv = conv_node(model)
+    w, bias = initializer(model, conv.input[1]), initializer(model, conv.input[2])
+    w[0] *= 3e4
+    bias[0] *= 3e4
+    return with_initializer(with_initializer(model, conv.input[1], w), conv.input[2], bias)
+
+
+def test_blind_spot_a_zeroed_small_channel_is_caught():
+    model = big_and_small_channels()
+    conv = conv_node(model)
+    w, bias = initializer(model, conv.input[1]), initializer(model, conv.input[2])
+    w[1], bias[1] = 0, 0
+    wrong = with_initializer(with_initializer(model, conv.input[1], w), conv.input[2], bias)
+    assert old_criterion_accepts(model, wrong)
+    result = verify(model, wrong)
+    assert not result.ok
+    assert result.outputs[0].channel == 1 and result.outputs[0].ratio > 10
+    assert "FAILED verification" in result.describe() and "channel 1" in result.describe()
+
+
+def test_small_channel_scaled_by_1e_3_is_caught():
+    model = big_and_small_channels()
+    conv = conv_node(model)
+    w = initializer(model, conv.input[1])
+    w[1] *= 1e-3
+    result = verify(model, with_initializer(model, conv.input[1], w))
+    assert not result.ok and result.outputs[0].channel == 1
+
+
+@pytest.mark.parametrize("factor", [1e-3, 1 + 1e-3, 1 - 1e-3])
+def test_one_channel_scaled_is_caught(factor):
+    model = two_layer()
+    conv = conv_node(model, 1)
+    w = initializer(model, conv.input[1])
+    w[1] *= factor
+    result = verify(model, with_initializer(model, conv.input[1], w))
+    assert not result.ok and result.outputs[0].channel == 1
+
+
+# ---- (b) tiny outputs -------------------------------------------------------------------
+
+
+def tiny_outputs():
+    """A conv whose outputs are ~1e-6 at unit-scale inputs."""
+    b = GraphBuilder([1, 4, 8, 8])
+    model = b.build(b.conv(b.x, 4, 4))
+    conv = conv_node(model)
+    for name in conv.input[1:]:
+        model = with_initializer(model, name, initializer(model, name) * 1e-7)
+    return model
+
+
+@pytest.mark.parametrize("factor", [-1.0, 0.0, 1 + 1e-3])
+def test_blind_spot_b_every_element_of_a_tiny_output_wrong_is_caught(factor):
+    model = tiny_outputs()
+    x = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert 1e-7 < np.max(np.abs(run(model, {"x": x})[0])) < 1e-5
+    conv = conv_node(model)
+    wrong = with_initializer(model, conv.input[1], initializer(model, conv.input[1]) * factor)
+    if factor != 1 + 1e-3:
+        assert old_criterion_accepts(model, wrong)
+    result = verify(model, wrong)
+    assert not result.ok
+
+
+# ---- the criterion itself ----------------------------------------------------------------
+
+
+def test_compare_is_per_channel_with_a_floor_relative_to_the_tensor():
+    ref = np.zeros((1, 2, 4, 4), np.float32)
+    ref[:, 0] = 100.0
+    ref[:, 1] = 1.0
+    y = ref.copy()
+    y[:, 1] *= 1 + 5e-4
+    c = compare(y, ref, 1e-4, 1e-6)
+    assert not c.ok and c.channel == 1
+    assert c.allowed == pytest.approx(1e-4 * 1.0 + 1e-6 * 100.0)
+    y[:, 1] = ref[:, 1] * (1 + 5e-5)
+    assert compare(y, ref, 1e-4, 1e-6).ok
+    # a channel that is zero in the reference gets the floor only
+    ref[:, 1] = 0
+    y = ref.copy()
+    y[:, 1] = 5e-5
+    assert compare(y, ref, 1e-4, 1e-6).ok  # 5e-5 <= 1e-6 * 100
+    y[:, 1] = 2e-4
+    assert not compare(y, ref, 1e-4, 1e-6).ok
+    # an absolute floor replaces the relative one
+    assert compare(y, ref, 1e-4, 1e-6, atol=0.1).ok
+
+
+def test_compare_non_finite_values_must_match_in_position_and_kind():
+    ref = np.array([[1.0, np.inf, np.nan, -np.inf]], np.float32)
+    assert compare(ref.copy(), ref, 1e-4, 1e-6).ok
+    for bad in ([1.0, -np.inf, np.nan, -np.inf], [1.0, np.inf, 0.0, -np.inf], [1.0, np.inf, np.nan, 1e30],
+                [np.nan, np.inf, np.nan, -np.inf]):
+        c = compare(np.array([bad], np.float32), ref, 1e-4, 1e-6)
+        assert not c.ok and c.note == "non-finite values differ"
+
+
+def test_compare_integers_exactly_and_rejects_another_shape_or_dtype():
+    ref = np.array([[3, 1000]], np.int64)
+    assert compare(ref.copy(), ref, 1e-4, 1e-6).ok
+    assert not compare(ref + np.array([[0, 1]]), ref, 1e-4, 1e-6).ok
+    assert compare(np.zeros((2, 3)), np.zeros((3, 2)), 1e-4, 1e-6).note == "shape [2, 3] != [3, 2]"
+    assert "dtype" in compare(np.zeros(2, np.float16), np.zeros(2, np.float32), 1e-4, 1e-6).note
+
+
+def test_non_finite_outputs_in_other_positions_are_caught():
+    b = GraphBuilder([1, 2, 4, 4])
+    model = b.build(b.node("Log", [b.x]))
+    b2 = GraphBuilder([1, 2, 4, 4])
+    wrong = b2.build(b2.node("Log", [b2.node("Abs", [b2.x])]))
+    wrong.graph.output[0].name = model.graph.output[0].name
+    wrong.graph.node[-1].output[0] = model.graph.output[0].name
+    assert verify(model, model).ok  # NaN (x < 0) and -inf (zeros draw) in the same places
+    result = verify(model, wrong)
+    assert not result.ok and "non-finite" in result.outputs[0].note
+
+
+def test_renamed_output_fails():
+    model = two_layer()
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.output[0].name = "other"
+    renamed.graph.node[-1].output[0] = "other"
+    result = verify(model, renamed)
+    assert not result.ok and "output names changed" in result.describe()
+
+
+# ---- tolerances by computation dtype --------------------------------------------------------
+
+
+def keep_io_types_fp16():
+    """fp32 input and output, fp16 inside (Cast, fp16 conv, Cast back)."""
+    b = GraphBuilder([1, 4, 6, 6], dtype=np.float16)
+    b.inputs[0] = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])
+    b.nodes.append(helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+    y = b.conv("x16", 4, 4)
+    b.nodes.append(helper.make_node("Cast", [y], ["y"], to=TensorProto.FLOAT))
+    model = b.build("y", output_shape=[1, 4, 6, 6])
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    return model
+
+
+def test_fp16_computation_with_fp32_io_gets_fp16_tolerances():
+    model = keep_io_types_fp16()
+    assert computation_dtype(model) == "float16"
+    verifier = Verifier(model, static_shapes(model), "test")
+    assert (verifier.rtol, verifier.floor_rel, verifier.atol) == (1e-2, 1e-3, None)
+    result = verifier.check(model)
+    assert result.ok and result.dtype == "float16"
+    conv = conv_node(model)
+    w = initializer(model, conv.input[1])
+    w[1] *= 1.03
+    assert not verifier.check(with_initializer(model, conv.input[1], w)).ok
+
+
+def test_computation_dtype_is_the_lowest_float_precision():
+    b = GraphBuilder([1, 4, 6, 6])
+    model = b.build(b.conv(b.x, 4, 4))
+    assert computation_dtype(model) == "float32"
+    model.graph.node.append(helper.make_node("Cast", [model.graph.output[0].name], ["bf"], to=TensorProto.BFLOAT16))
+    assert computation_dtype(model) == "bfloat16"
+    assert TOLERANCES["bfloat16"][0] > TOLERANCES["float16"][0] > TOLERANCES["float32"][0]
+
+
+def test_rtol_and_atol_override_the_defaults():
+    model = tiny_outputs()
+    conv = conv_node(model)
+    wrong = with_initializer(model, conv.input[1], initializer(model, conv.input[1]) * 1.5)
+    assert not verify(model, wrong, rtol=0.4).ok
+    assert verify(model, wrong, rtol=0.6).ok
+    loose = verify(model, wrong, atol=0.1)
+    assert loose.ok and loose.atol == 0.1 and "+ 0.1 per channel" in loose.criterion()
+
+
+def test_integer_inputs_are_drawn_as_before():
+    b = GraphBuilder([1, 4])
+    b.inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, [1, 4]))
+    y = b.node("Add", [b.x, b.node("Cast", ["i"], to=TensorProto.FLOAT)])
+    model = b.build(y)
+    verifier = Verifier(model, {"x": [1, 4], "i": [1, 4]}, "test")
+    assert all(f["i"].dtype == np.int64 and 0 <= f["i"].min() <= f["i"].max() < 8 for f in verifier.feeds)
+    assert verifier.check(model).ok
