@@ -86,6 +86,7 @@ def _verification_dict(v: Optional[VerifyResult]):
         "floor_rel": v.floor_rel,
         "atol": v.atol,
         "draws": v.draws,
+        "draw_kinds": v.draw_kinds,
         "max_abs_error": v.max_abs_error,
         "max_error_ratio": v.max_error_ratio,
         "outputs": [asdict(o) for o in v.outputs],

@@ -9,11 +9,13 @@ See docs/verification.md for the reasoning; in short:
 
       max|y_c - ref_c| <= rtol * max|ref_c| + floor,   floor = floor_rel * max|ref|
 
-  ``max|ref|`` is over the whole tensor, so the floor only matters for channels that are (near)
-  zero next to the others; ``atol`` replaces it by an absolute floor. Non-finite values must match in position and kind; integer
+  ``max|ref|`` is over the whole tensor (at this draw, or at the unit-scale draws when larger),
+  so the floor only matters for channels that are (near) zero next to the others; ``atol``
+  replaces it by an absolute floor. Non-finite values must match in position and kind; integer
   and bool tensors must match exactly. Defaults follow the computation dtype
   (:func:`computation_dtype`), see :data:`TOLERANCES`.
-* Draws: a fixed seed; float inputs alternate standard normal and positive uniform [0, 1).
+* Draws: a fixed seed; float inputs cycle through :data:`DRAW_KINDS`; the default count
+  (:data:`DEFAULT_DRAWS`) covers each kind once.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ TOLERANCES: Dict[str, Tuple[float, float]] = {
     "bfloat16": (5e-2, 5e-3),
 }
 
+#: Float input draws, in the order they are used. The first three are the most different from
+#: each other (unit scale, weights dominating biases, biases and borders alone), so a small
+#: --verify-draws keeps them; the uniform draws drive sign-dependent ops fully on and off.
+DRAW_KINDS = ("normal", "large", "zeros", "uniform+", "uniform-")
+DEFAULT_DRAWS = len(DRAW_KINDS)
+#: Scale of the "large" draw (standard normal times this); float16 overflows above 65504.
+LARGE_SCALE = {"float16": 1e2}
+LARGE_SCALE_DEFAULT = 1e3
+
 _FLOAT_TYPES = {
     TensorProto.DOUBLE: "float64",
     TensorProto.FLOAT: "float32",
@@ -54,7 +65,8 @@ class TensorCheck:
     """How one tensor compared, over all draws and shapes (the worst draw is described)."""
 
     name: str
-    #: largest |y - ref| anywhere in the tensor, over all draws
+    #: largest |y - ref| anywhere in the tensor at the draws of unit scale (all but "large",
+    #: whose absolute errors grow with its inputs and are judged relatively only)
     max_abs_error: float
     #: allowance of the deciding channel at the deciding draw: rtol * max|ref_c| + floor
     allowed: float
@@ -80,11 +92,12 @@ class VerifyResult:
     draws: int
     floor_rel: float = 0.0
     dtype: str = "float32"  # computation dtype the default tolerances were chosen for
+    draw_kinds: List[str] = field(default_factory=list)
     outputs: List[TensorCheck] = field(default_factory=list)
 
     @property
     def max_abs_error(self) -> float:
-        """Largest |y - y_ref| over the graph outputs."""
+        """Largest |y - y_ref| over the graph outputs at the unit-scale draws."""
         return max((o.max_abs_error for o in self.outputs), default=0.0)
 
     @property
@@ -99,7 +112,8 @@ class VerifyResult:
     def describe(self) -> str:
         """One line: verdict, the deciding output, the criterion and the draws."""
         scope = (
-            f"{len(self.outputs)} output(s); {self.criterion()}; {self.draws} draws"
+            f"{len(self.outputs)} output(s); {self.criterion()}; {self.draws} draws "
+            f"({', '.join(self.draw_kinds)})"
         )
         if not self.outputs:
             return f"{'verified' if self.ok else 'FAILED verification'}: no outputs compared"
@@ -180,12 +194,13 @@ def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:
     return TOLERANCES[computation_dtype(model)]
 
 
-def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], draws: int, seed: int, label: str):
-    """``draws`` feeds: float inputs alternate standard normal and uniform [0, 1); integer and
-    bool ones are random."""
+def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], draws: int, seed: int, label: str,
+                large_scale: float = LARGE_SCALE_DEFAULT):
+    """``draws`` feeds; float inputs cycle through DRAW_KINDS, integer and bool ones are random."""
     rng = np.random.default_rng(seed)
     feeds = []
     for i in range(draws):
+        kind = DRAW_KINDS[i % len(DRAW_KINDS)]
         feed = {}
         for inp in session.get_inputs():
             dtype = _NP_TYPES.get(inp.type)
@@ -193,7 +208,16 @@ def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], dra
                 raise OnnxrepError(f"{label}: input '{inp.name}' has type {inp.type}, which verification cannot draw")
             shape = shapes[inp.name]
             if np.issubdtype(dtype, np.floating):
-                x = rng.standard_normal(shape) if i % 2 == 0 else rng.uniform(0.0, 1.0, shape)
+                if kind == "normal":
+                    x = rng.standard_normal(shape)
+                elif kind == "large":
+                    x = rng.standard_normal(shape) * large_scale
+                elif kind == "zeros":
+                    x = np.zeros(shape)
+                elif kind == "uniform+":
+                    x = rng.uniform(0.0, 1.0, shape)
+                else:
+                    x = -rng.uniform(0.0, 1.0, shape)
             elif dtype is np.bool_:
                 x = rng.integers(0, 2, shape)
             else:
@@ -219,9 +243,11 @@ class _Cmp:
     note: str = ""
 
 
-def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol: Optional[float] = None) -> _Cmp:
+def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol: Optional[float] = None,
+            scale: float = 0.0) -> _Cmp:
     """One tensor at one draw: per channel max|y_c - ref_c| <= rtol * max|ref_c| + floor, with
-    floor = floor_rel * max|ref| over the whole tensor, or ``atol`` when given."""
+    floor = floor_rel * max(max|ref|, scale) (``scale``: the tensor's magnitude at the unit-scale
+    draws), or ``atol`` when given."""
     y, ref = np.asarray(y), np.asarray(ref)
     if y.shape != ref.shape:
         return _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"), note=f"shape {list(y.shape)} != {list(ref.shape)}")
@@ -247,7 +273,7 @@ def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol:
         mag_c = np.moveaxis(mag, 1, 0).reshape(c, -1).max(axis=1)
     else:
         diff_c, mag_c = diff.max(keepdims=True), mag.max(keepdims=True)
-    floor = atol if atol is not None else floor_rel * float(mag.max())
+    floor = atol if atol is not None else floor_rel * max(float(mag.max()), scale)
     allowed_c = rtol * mag_c + floor
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_c = np.where(diff_c == 0, 0.0, diff_c / allowed_c)
@@ -273,7 +299,7 @@ class Verifier:
         label: str,
         rtol: Optional[float] = None,
         atol: Optional[float] = None,
-        draws: int = 3,
+        draws: int = DEFAULT_DRAWS,
         seed: int = 0,
     ):
         """
@@ -282,7 +308,7 @@ class Verifier:
             shapes: concrete shape of every graph input to draw.
             rtol: relative tolerance per channel (default by computation dtype, see TOLERANCES).
             atol: absolute floor replacing the relative one (floor_rel * max|ref|); None: relative.
-            draws: input draws (float inputs: standard normal, then uniform [0, 1), alternating).
+            draws: float input draws, cycling through DRAW_KINDS.
         """
         if draws < 1:
             raise OnnxrepError(f"{label}: --verify-draws must be at least 1")
@@ -292,18 +318,27 @@ class Verifier:
         self.atol = None if atol is None else float(atol)
         self.label = label
         self.draws = draws
-        self.draw_kinds = ["normal" if i % 2 == 0 else "uniform+" for i in range(draws)]
+        self.draw_kinds = [DRAW_KINDS[i % len(DRAW_KINDS)] for i in range(draws)]
+        large = LARGE_SCALE.get(self.dtype, LARGE_SCALE_DEFAULT)
+        self.draw_kinds_text = [f"large x{large:g}" if k == "large" else k for k in self.draw_kinds]
         self.output_names = [o.name for o in reference.graph.output]
         session = _session(reference, label)
-        self.feeds = make_inputs(session, shapes, draws, seed, label)
+        self.feeds = make_inputs(session, shapes, draws, seed, label, large)
         try:
             self.expected = [dict(zip(self.output_names, session.run(self.output_names, feed))) for feed in self.feeds]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise OnnxrepError(f"{label}: onnxruntime failed to run the original model ({first_line(exc)})") from None
+        #: name -> max|ref| over the unit-scale draws (the floor's reference)
+        self._scale: Dict[str, float] = {}
+        for kind, values in zip(self.draw_kinds, self.expected):
+            if kind != "large":
+                for name, value in values.items():
+                    self._scale[name] = max(self._scale.get(name, 0.0), _magnitude(value))
 
     def check(self, candidate: onnx.ModelProto) -> VerifyResult:
         result = VerifyResult(
             ok=True, rtol=self.rtol, atol=self.atol, draws=self.draws, floor_rel=self.floor_rel, dtype=self.dtype,
+            draw_kinds=list(self.draw_kinds_text),
         )
         names = [o.name for o in candidate.graph.output]
         if names != self.output_names:
@@ -313,10 +348,10 @@ class Verifier:
             return result
         session = _session(candidate, f"{self.label} (optimized)")
         worst: Dict[str, TensorCheck] = {}
-        for kind, feed, ref in zip(self.draw_kinds, self.feeds, self.expected):
+        for kind, feed, ref in zip(self.draw_kinds_text, self.feeds, self.expected):
             for name, y in zip(self.output_names, session.run(self.output_names, feed)):
-                cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol)
-                unit = cmp.max_abs
+                cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol, self._scale.get(name, 0.0))
+                unit = cmp.max_abs if not kind.startswith("large") else 0.0
                 prev = worst.get(name)
                 if prev is None:
                     worst[name] = TensorCheck(name, unit, cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio,
@@ -330,3 +365,14 @@ class Verifier:
         result.ok = all(o.ok for o in result.outputs)
         return result
 
+
+def _magnitude(value: np.ndarray) -> float:
+    """max|value| over its finite entries (0 for non-float or empty tensors)."""
+    value = np.asarray(value)
+    if value.size == 0 or not np.issubdtype(value.dtype, np.floating):
+        return 0.0
+    top = float(np.max(np.abs(value)))
+    if np.isfinite(top):
+        return top
+    a = np.abs(value.astype(np.float64))
+    return float(a[np.isfinite(a)].max(initial=0.0))

@@ -1,7 +1,7 @@
 """The verifier against deliberately wrong candidates (DESIGN 4), and correct ones that must pass.
 
 Each wrong candidate below is hand-made from its reference by one small change (a zeroed or
-scaled channel). The cases marked
+scaled channel, a border error). The cases marked
 "blind spot" are accepted by the criterion onnxrep used before (one global
 ``max|y - ref| <= 1e-5 + 1e-4 * max|ref|`` per output, normal and uniform draws at one shape);
 ``old_criterion_accepts`` re-checks that, so each of those tests keeps testing a real blind spot.
@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
 from helpers import GraphBuilder, run
-from onnxrep.verify import TOLERANCES, Verifier, compare, computation_dtype
+from onnxrep.verify import DEFAULT_DRAWS, DRAW_KINDS, TOLERANCES, Verifier, compare, computation_dtype
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -79,6 +79,7 @@ def test_identical_candidate_passes():
     line = result.describe()
     assert line.startswith("verified: ") and "\n" not in line
     assert "0.0001 * max|ref_c| + 1e-06 * max|ref|" in line and "(float32)" in line
+    assert "5 draws (normal, large x1000, zeros, uniform+, uniform-)" in line
 
 
 def test_optimized_repvgg_block_passes():
@@ -164,6 +165,60 @@ def test_blind_spot_b_every_element_of_a_tiny_output_wrong_is_caught(factor):
     assert not result.ok
 
 
+# ---- (c) errors confined to the border ----------------------------------------------------
+
+
+def biased_1x1_then_padded_3x3(b1_scale=1e-4, b1=True):
+    """x -> Conv1x1 4->4 (bias ~ b1_scale) -> Conv3x3 pad 1 (no bias): not one conv unless b1 = 0,
+    because the 3x3 conv pads with zeros, not with b1."""
+    b = GraphBuilder([1, 4, 8, 8])
+    h = b.conv(b.x, 4, 4, k=1, bias=b1)
+    model = b.build(b.conv(h, 4, 4, k=3, bias=False))
+    c1, c2 = conv_node(model, 0), conv_node(model, 1)
+    if b1:
+        model = with_initializer(model, c1.input[2], initializer(model, c1.input[2]) * b1_scale / 0.5)
+    return model, c1, c2
+
+
+def composed_as_if_bias_free(model, c1, c2):
+    """The fused conv by the 1x1 -> KxK formula W = W2 . W1, b = sum_taps W2 b1: exact only when
+    b1 = 0; otherwise wrong on the border ring, where the original pads with 0 instead of b1."""
+    w1 = initializer(model, c1.input[1])[:, :, 0, 0].astype(np.float64)  # [m, i]
+    w2 = initializer(model, c2.input[1]).astype(np.float64)  # [o, m, 3, 3]
+    b1 = initializer(model, c1.input[2]).astype(np.float64) if len(c1.input) > 2 else np.zeros(w1.shape[0])
+    w = np.einsum("omhw,mi->oihw", w2, w1).astype(np.float32)
+    bias = np.einsum("omhw,m->o", w2, b1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], [c2.output[0]], name="fused_conv", kernel_shape=[3, 3],
+                          pads=[1, 1, 1, 1])],
+        "test", list(model.graph.input), list(model.graph.output),
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "B")])
+    out = helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+def test_blind_spot_c_bias_free_formula_on_a_biased_1x1_is_caught_on_the_border():
+    model, c1, c2 = biased_1x1_then_padded_3x3()
+    wrong = composed_as_if_bias_free(model, c1, c2)
+    # wrong only on the border ring, and there by less than 1e-4 of the output's maximum
+    x = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ref = run(model, {"x": x})[0].astype(np.float64)
+    d, peak = np.abs(run(wrong, {"x": x})[0] - ref), np.abs(ref).max()
+    interior = d[..., 1:-1, 1:-1].max()
+    assert interior < 1e-6 * peak and 10 * interior < d.max() < 1e-4 * peak
+    assert old_criterion_accepts(model, wrong)
+    result = verify(model, wrong)
+    assert not result.ok
+    assert result.outputs[0].draw == "zeros"
+
+
+def test_the_same_composition_without_the_first_bias_passes():
+    model, c1, c2 = biased_1x1_then_padded_3x3(b1=False)
+    result = verify(model, composed_as_if_bias_free(model, c1, c2))
+    assert result.ok, result.describe()
+
+
 # ---- the criterion itself ----------------------------------------------------------------
 
 
@@ -187,6 +242,15 @@ def test_compare_is_per_channel_with_a_floor_relative_to_the_tensor():
     assert not compare(y, ref, 1e-4, 1e-6).ok
     # an absolute floor replaces the relative one
     assert compare(y, ref, 1e-4, 1e-6, atol=0.1).ok
+
+
+def test_compare_floor_covers_rounding_of_a_tensor_that_is_zero_at_this_draw():
+    """y - v is ~0 at the zeros draw; its rounding is relative to what it holds at other draws."""
+    ref = np.full((1, 2, 3, 3), 1e-11, np.float32)
+    y = np.full((1, 2, 3, 3), 1.2e-7, np.float32)
+    assert not compare(y, ref, 1e-4, 1e-6).ok
+    assert compare(y, ref, 1e-4, 1e-6, scale=1.0).ok
+    assert not compare(y * 100, ref, 1e-4, 1e-6, scale=1.0).ok
 
 
 def test_compare_non_finite_values_must_match_in_position_and_kind():
@@ -228,7 +292,7 @@ def test_renamed_output_fails():
     assert not result.ok and "output names changed" in result.describe()
 
 
-# ---- tolerances by computation dtype --------------------------------------------------------
+# ---- tolerances by computation dtype, draws ------------------------------------------------
 
 
 def keep_io_types_fp16():
@@ -249,7 +313,7 @@ def test_fp16_computation_with_fp32_io_gets_fp16_tolerances():
     verifier = Verifier(model, static_shapes(model), "test")
     assert (verifier.rtol, verifier.floor_rel, verifier.atol) == (1e-2, 1e-3, None)
     result = verifier.check(model)
-    assert result.ok and result.dtype == "float16"
+    assert result.ok and result.dtype == "float16" and "large x100" in result.describe()
     conv = conv_node(model)
     w = initializer(model, conv.input[1])
     w[1] *= 1.03
@@ -273,6 +337,19 @@ def test_rtol_and_atol_override_the_defaults():
     assert verify(model, wrong, rtol=0.6).ok
     loose = verify(model, wrong, atol=0.1)
     assert loose.ok and loose.atol == 0.1 and "+ 0.1 per channel" in loose.criterion()
+
+
+def test_default_draws_cover_every_kind_once():
+    model = two_layer()
+    verifier = Verifier(model, static_shapes(model), "test")
+    assert DEFAULT_DRAWS == len(DRAW_KINDS) == 5 and verifier.draw_kinds == list(DRAW_KINDS)
+    feeds = verifier.feeds
+    assert len(feeds) == 5
+    x = [f["x"] for f in feeds]
+    assert 100 < np.abs(x[1]).max() < 1e4  # large
+    assert not x[2].any()  # zeros
+    assert x[3].min() >= 0 and x[4].max() <= 0
+    assert Verifier(model, static_shapes(model), "test", draws=3).draw_kinds == ["normal", "large", "zeros"]
 
 
 def test_integer_inputs_are_drawn_as_before():
