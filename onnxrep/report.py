@@ -87,9 +87,11 @@ def _verification_dict(v: Optional[VerifyResult]):
         "atol": v.atol,
         "draws": v.draws,
         "draw_kinds": v.draw_kinds,
+        "shapes": v.shapes,
         "max_abs_error": v.max_abs_error,
         "max_error_ratio": v.max_error_ratio,
         "outputs": [asdict(o) for o in v.outputs],
+        "notes": v.notes,
     }
 
 

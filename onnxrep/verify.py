@@ -16,6 +16,8 @@ See docs/verification.md for the reasoning; in short:
   (:func:`computation_dtype`), see :data:`TOLERANCES`.
 * Draws: a fixed seed; float inputs cycle through :data:`DRAW_KINDS`; the default count
   (:data:`DEFAULT_DRAWS`) covers each kind once.
+* Shapes: the resolved input shapes and, when an input has a dynamic dim, a second shape the
+  original accepts (:func:`second_shapes`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class TensorCheck:
     ratio: float = 0.0  # error / allowed (> 1: fails)
     channel: Optional[int] = None  # None: compared as one (rank < 2)
     draw: str = ""  # kind of the deciding draw
+    inputs: str = ""  # input shapes of the deciding draw
 
 
 #: The name used before per-tensor checks existed.
@@ -89,11 +92,14 @@ class VerifyResult:
     rtol: float
     #: absolute floor when given (--atol); None: the floor is floor_rel * max|ref| per tensor
     atol: Optional[float]
-    draws: int
+    draws: int  # draws per input shape
     floor_rel: float = 0.0
     dtype: str = "float32"  # computation dtype the default tolerances were chosen for
     draw_kinds: List[str] = field(default_factory=list)
+    #: the input shapes every draw ran at (the resolved ones first)
+    shapes: List[Dict[str, List[int]]] = field(default_factory=list)
     outputs: List[TensorCheck] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def max_abs_error(self) -> float:
@@ -110,27 +116,29 @@ class VerifyResult:
         return f"max|y_c - ref_c| <= {self.rtol:g} * max|ref_c| + {floor} per channel ({self.dtype})"
 
     def describe(self) -> str:
-        """One line: verdict, the deciding output, the criterion and the draws."""
+        """One line: verdict, the deciding tensor, the criterion, draws and shapes."""
         scope = (
             f"{len(self.outputs)} output(s); {self.criterion()}; {self.draws} draws "
-            f"({', '.join(self.draw_kinds)})"
+            f"({', '.join(self.draw_kinds)}) at {len(self.shapes)} input shape(s)"
         )
+        notes = "".join(f"; {n}" for n in self.notes)
         if not self.outputs:
-            return f"{'verified' if self.ok else 'FAILED verification'}: no outputs compared"
+            return f"{'verified' if self.ok else 'FAILED verification'}: no outputs compared{notes}"
         if self.ok:
             worst = max(self.outputs, key=lambda o: o.ratio)
             where = f"'{worst.name}'" + (f" channel {worst.channel}" if worst.channel is not None else "")
             return (
                 f"verified: {scope}; worst {worst.ratio:.1%} of allowed "
-                f"(|error| {worst.error:.2e} on {where}, {worst.draw} draw)"
+                f"(|error| {worst.error:.2e} on {where}, {worst.draw} draw){notes}"
             )
         failing = [o for o in self.outputs if not o.ok]
         bad = failing[0]
         chan = f" channel {bad.channel}" if bad.channel is not None else ""
         detail = bad.note or f"max |error| {bad.error:.2e}, allowed {bad.allowed:.2e}"
         at = f", {bad.draw} draw" if bad.draw else ""
+        at += f" at {bad.inputs}" if bad.inputs else ""
         count = f"; {len(failing)} outputs differ" if len(failing) > 1 else ""
-        return f"FAILED verification: '{bad.name}'{chan}: {detail}{at}{count}; compared {scope}"
+        return f"FAILED verification: '{bad.name}'{chan}: {detail}{at}{count}; compared {scope}{notes}"
 
 
 # --------------------------------------------------------------------------------------
@@ -194,6 +202,52 @@ def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:
     return TOLERANCES[computation_dtype(model)]
 
 
+def _dynamic_dims(model: onnx.ModelProto, shapes: Dict[str, List[int]]) -> List[Tuple[str, int, str]]:
+    """(input, axis, dim_param) of every dynamic dim of the inputs being drawn."""
+    out = []
+    for inp in model.graph.input:
+        if inp.name not in shapes or not inp.type.tensor_type.HasField("shape"):
+            continue
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                out.append((inp.name, axis, d.dim_param))
+    return out
+
+
+def second_shapes(model: onnx.ModelProto, shapes: Dict[str, List[int]]) -> List[Dict[str, List[int]]]:
+    """Input shapes to verify at besides ``shapes``, most wanted first, when an input has dynamic
+    dims: batch b -> b + 1 with every other dynamic dim d -> d + 1 (odd sizes catch stride and
+    padding mistakes), d + 2, 2 d; then d + 1 with the batch kept; then only the batch changed.
+    Dims sharing a name change together."""
+    dyn = _dynamic_dims(model, shapes)
+    if not dyn:
+        return []
+    spatial = any(axis > 0 for _, axis, _ in dyn)
+    plans = [(True, lambda d: d + 1)]
+    if spatial:
+        plans += [(True, lambda d: d + 2), (True, lambda d: 2 * d), (False, lambda d: d + 1), (True, lambda d: d)]
+    else:
+        plans += [(True, lambda d: d)]  # batch b + 1 failed: nothing else to vary
+    out: List[Dict[str, List[int]]] = []
+    for change_batch, grow in plans:
+        new = {k: list(v) for k, v in shapes.items()}
+        named: Dict[str, int] = {}
+        for name, axis, param in dyn:
+            old = shapes[name][axis]
+            if param and param in named:
+                value = named[param]
+            elif axis == 0:
+                value = old + 1 if change_batch else old
+            else:
+                value = grow(old)
+            if param:
+                named[param] = value
+            new[name][axis] = value
+        if new != shapes and new not in out:
+            out.append(new)
+    return out
+
+
 def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], draws: int, seed: int, label: str,
                 large_scale: float = LARGE_SCALE_DEFAULT):
     """``draws`` feeds; float inputs cycle through DRAW_KINDS, integer and bool ones are random."""
@@ -225,6 +279,10 @@ def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], dra
             feed[inp.name] = np.asarray(x).astype(dtype)
         feeds.append(feed)
     return feeds
+
+
+def _shape_text(shapes: Dict[str, List[int]]) -> str:
+    return ", ".join(f"{k}=[{','.join(map(str, v))}]" for k, v in shapes.items())
 
 
 # --------------------------------------------------------------------------------------
@@ -289,8 +347,8 @@ def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol:
 
 
 class Verifier:
-    """Runs the reference once per draw, keeps its outputs, and compares candidates against
-    them (``check``)."""
+    """Runs the reference once per draw and shape, keeps its outputs, and compares candidates
+    against them (``check``)."""
 
     def __init__(
         self,
@@ -301,6 +359,8 @@ class Verifier:
         atol: Optional[float] = None,
         draws: int = DEFAULT_DRAWS,
         seed: int = 0,
+        *,
+        second_shape: bool = True,
     ):
         """
         Args:
@@ -308,7 +368,8 @@ class Verifier:
             shapes: concrete shape of every graph input to draw.
             rtol: relative tolerance per channel (default by computation dtype, see TOLERANCES).
             atol: absolute floor replacing the relative one (floor_rel * max|ref|); None: relative.
-            draws: float input draws, cycling through DRAW_KINDS.
+            draws: float input draws per shape, cycling through DRAW_KINDS.
+            second_shape: also verify at a second input shape when an input has dynamic dims.
         """
         if draws < 1:
             raise OnnxrepError(f"{label}: --verify-draws must be at least 1")
@@ -319,26 +380,55 @@ class Verifier:
         self.label = label
         self.draws = draws
         self.draw_kinds = [DRAW_KINDS[i % len(DRAW_KINDS)] for i in range(draws)]
+        self.notes: List[str] = []
         large = LARGE_SCALE.get(self.dtype, LARGE_SCALE_DEFAULT)
         self.draw_kinds_text = [f"large x{large:g}" if k == "large" else k for k in self.draw_kinds]
         self.output_names = [o.name for o in reference.graph.output]
+        alternatives = second_shapes(reference, shapes) if second_shape else []
+
         session = _session(reference, label)
-        self.feeds = make_inputs(session, shapes, draws, seed, label, large)
+        self.shapes: List[Dict[str, List[int]]] = []
+        self.feeds: List[List[dict]] = []
+        self._expected: List[List[Dict[str, np.ndarray]]] = []  # [shape][draw] -> name -> value
+        #: [shape] -> name -> max|ref| over the unit-scale draws (the floor's reference)
+        self._scale: List[Dict[str, float]] = []
+
+        feeds = make_inputs(session, shapes, draws, seed, label, large)
         try:
-            self.expected = [dict(zip(self.output_names, session.run(self.output_names, feed))) for feed in self.feeds]
+            self._add_shape(session, shapes, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise OnnxrepError(f"{label}: onnxruntime failed to run the original model ({first_line(exc)})") from None
-        #: name -> max|ref| over the unit-scale draws (the floor's reference)
-        self._scale: Dict[str, float] = {}
-        for kind, values in zip(self.draw_kinds, self.expected):
+        failures = []
+        for alt in alternatives:
+            feeds = make_inputs(session, alt, draws, seed + 1, label, large)
+            try:
+                self._add_shape(session, alt, feeds)
+                break
+            except Exception as exc:  # noqa: BLE001 - the original does not accept this shape
+                failures.append(f"{_shape_text(alt)} ({first_line(exc)})")
+        if alternatives and len(self.shapes) == 1:
+            self.notes.append(
+                "only one input shape checked although inputs have dynamic dims: the original fails at "
+                + "; ".join(failures[:2])
+            )
+
+    def _add_shape(self, session, shapes: Dict[str, List[int]], feeds: List[dict]) -> None:
+        """Run every draw at one input shape and keep the outputs (nothing when it fails)."""
+        runs = [dict(zip(self.output_names, session.run(self.output_names, feed))) for feed in feeds]
+        scale: Dict[str, float] = {}
+        for kind, values in zip(self.draw_kinds, runs):
             if kind != "large":
                 for name, value in values.items():
-                    self._scale[name] = max(self._scale.get(name, 0.0), _magnitude(value))
+                    scale[name] = max(scale.get(name, 0.0), _magnitude(value))
+        self.shapes.append({k: list(v) for k, v in shapes.items()})
+        self.feeds.append(feeds)
+        self._expected.append(runs)
+        self._scale.append(scale)
 
     def check(self, candidate: onnx.ModelProto) -> VerifyResult:
         result = VerifyResult(
             ok=True, rtol=self.rtol, atol=self.atol, draws=self.draws, floor_rel=self.floor_rel, dtype=self.dtype,
-            draw_kinds=list(self.draw_kinds_text),
+            draw_kinds=list(self.draw_kinds_text), shapes=[dict(s) for s in self.shapes], notes=list(self.notes),
         )
         names = [o.name for o in candidate.graph.output]
         if names != self.output_names:
@@ -347,23 +437,47 @@ class Verifier:
                                               ratio=float("inf")))
             return result
         session = _session(candidate, f"{self.label} (optimized)")
+        cand_inputs = {i.name for i in session.get_inputs()}
         worst: Dict[str, TensorCheck] = {}
-        for kind, feed, ref in zip(self.draw_kinds_text, self.feeds, self.expected):
-            for name, y in zip(self.output_names, session.run(self.output_names, feed)):
-                cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol, self._scale.get(name, 0.0))
-                unit = cmp.max_abs if not kind.startswith("large") else 0.0
-                prev = worst.get(name)
-                if prev is None:
-                    worst[name] = TensorCheck(name, unit, cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio,
-                                              cmp.channel, kind)
-                    continue
-                prev.max_abs_error = max(prev.max_abs_error, unit)
-                if cmp.ratio > prev.ratio or (prev.ok and not cmp.ok):
-                    prev.allowed, prev.ok, prev.note, prev.error = cmp.allowed, cmp.ok, cmp.note, cmp.error
-                    prev.ratio, prev.channel, prev.draw = cmp.ratio, cmp.channel, kind
+
+        def record(name: str, cmp: _Cmp, kind: str, shape_text: str) -> None:
+            unit = cmp.max_abs if not kind.startswith("large") else 0.0
+            prev = worst.get(name)
+            if prev is None:
+                worst[name] = TensorCheck(name, unit, cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio,
+                                          cmp.channel, kind, shape_text)
+                return
+            prev.max_abs_error = max(prev.max_abs_error, unit)
+            if cmp.ratio > prev.ratio or (prev.ok and not cmp.ok):
+                prev.allowed, prev.ok, prev.note, prev.error, prev.ratio = cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio
+                prev.channel, prev.draw, prev.inputs = cmp.channel, kind, shape_text
+
+        for shape, feeds, expected, scale in zip(self.shapes, self.feeds, self._expected, self._scale):
+            shape_text = _shape_text(shape)
+            for kind, feed, ref in zip(self.draw_kinds_text, feeds, expected):
+                missing = cand_inputs - set(feed)
+                if missing:
+                    result.ok = False
+                    result.notes.append(f"the optimized model needs inputs the original does not have: {sorted(missing)}")
+                    return result
+                try:
+                    got = session.run(self.output_names, {k: v for k, v in feed.items() if k in cand_inputs})
+                except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                    failed = _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"),
+                                  note=f"{_RUN_FAILED} ({first_line(exc)})")
+                    for name in self.output_names:
+                        record(name, failed, kind, shape_text)
+                    break
+                for name, y in zip(self.output_names, got):
+                    cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol, scale.get(name, 0.0))
+                    record(name, cmp, kind, shape_text)
+
         result.outputs = [worst[n] for n in self.output_names]
         result.ok = all(o.ok for o in result.outputs)
         return result
+
+
+_RUN_FAILED = "the optimized model fails to run"
 
 
 def _magnitude(value: np.ndarray) -> float:

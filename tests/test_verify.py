@@ -1,7 +1,7 @@
 """The verifier against deliberately wrong candidates (DESIGN 4), and correct ones that must pass.
 
 Each wrong candidate below is hand-made from its reference by one small change (a zeroed or
-scaled channel, a border error). The cases marked
+scaled channel, a border error, a shape that only works at even sizes). The cases marked
 "blind spot" are accepted by the criterion onnxrep used before (one global
 ``max|y - ref| <= 1e-5 + 1e-4 * max|ref|`` per output, normal and uniform draws at one shape);
 ``old_criterion_accepts`` re-checks that, so each of those tests keeps testing a real blind spot.
@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
 from helpers import GraphBuilder, run
-from onnxrep.verify import DEFAULT_DRAWS, DRAW_KINDS, TOLERANCES, Verifier, compare, computation_dtype
+from onnxrep.verify import (DEFAULT_DRAWS, DRAW_KINDS, TOLERANCES, Verifier, compare, computation_dtype,
+                            second_shapes)
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -219,6 +220,101 @@ def test_the_same_composition_without_the_first_bias_passes():
     assert result.ok, result.describe()
 
 
+# ---- (d) right at the verified size only --------------------------------------------------
+
+
+def dynamic_conv(pads, name="y"):
+    """Conv 3x3 stride 2 over an input with dynamic batch, H and W."""
+    b = GraphBuilder(["N", 4, "H", "W"])
+    w = b.const(b.rand(4, 4, 3, 3), "w")
+    b.nodes.append(helper.make_node("Conv", ["x", w], [name], name="conv", kernel_shape=[3, 3], strides=[2, 2],
+                                    pads=pads))
+    return b.build(name, output_shape=["N", 4, "h", "w"])
+
+
+def test_blind_spot_d_merge_right_only_at_even_sizes_is_caught_at_the_second_shape():
+    model = dynamic_conv([1, 1, 1, 1])
+    wrong = dynamic_conv([1, 1, 0, 0])  # same output size and values when H, W are even
+    shapes = {"x": [1, 4, 8, 8]}
+    assert old_criterion_accepts(model, wrong, shapes)
+    result = verify(model, wrong, shapes)
+    assert not result.ok
+    assert result.shapes == [{"x": [1, 4, 8, 8]}, {"x": [2, 4, 9, 9]}]
+    assert result.outputs[0].note == "shape [2, 4, 4, 4] != [2, 4, 5, 5]"
+    assert result.outputs[0].inputs == "x=[2,4,9,9]"
+    assert verify(model, model, shapes).ok
+
+
+def test_baked_resize_size_is_caught_at_the_second_shape():
+    def model_with(resize_inputs):
+        b = GraphBuilder(["N", 4, "H", "W"])
+        ins = ["x", ""] + [b.const(np.asarray(v, dt)) for v, dt in resize_inputs]
+        b.nodes.append(helper.make_node("Resize", ins, ["y"], name="resize", mode="nearest"))
+        return b.build("y", output_shape=["N", 4, "h", "w"])
+
+    model = model_with([([1, 1, 2, 2], np.float32)])  # scales
+    baked = model_with([([], np.float32), ([1, 4, 16, 16], np.int64)])  # sizes, right at 8x8 only
+    shapes = {"x": [1, 4, 8, 8]}
+    assert old_criterion_accepts(model, baked, shapes)
+    result = verify(model, baked, shapes)
+    assert not result.ok and "shape" in result.outputs[0].note
+
+
+def test_batch_baked_into_a_reshape_is_caught_at_batch_2():
+    def model_with(shape):
+        b = GraphBuilder(["N", 4, 3, 3])
+        y = b.node("Reshape", [b.node("Relu", [b.x]), b.const(np.asarray(shape, np.int64))])
+        return b.build(y, output_shape=["N", 36])
+
+    model, baked = model_with([-1, 36]), model_with([1, 36])
+    assert verify(model, model, {"x": [1, 4, 3, 3]}).ok
+    result = verify(model, baked, {"x": [1, 4, 3, 3]})
+    assert not result.ok and result.shapes[1] == {"x": [2, 4, 3, 3]}
+
+
+def test_second_shape_falls_back_when_the_original_needs_even_sizes():
+    """x + Upsample(AvgPool_s2(x)) only runs at even H, W: d + 1 fails, d + 2 is used."""
+    b = GraphBuilder(["N", 4, "H", "W"])
+    pooled = b.node("AveragePool", [b.x], kernel_shape=[2, 2], strides=[2, 2])
+    up = b.node("Resize", [pooled, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    model = b.build(b.add(b.x, up), output_shape=["N", 4, "H", "W"])
+    result = verify(model, model, {"x": [1, 4, 8, 8]})
+    assert result.ok and result.shapes == [{"x": [1, 4, 8, 8]}, {"x": [2, 4, 10, 10]}]
+    assert not result.notes
+
+
+def test_only_one_shape_is_recorded_when_the_original_accepts_no_other():
+    b = GraphBuilder(["N", 4, "H", 8])
+    y = b.node("Reshape", [b.x, b.const(np.array([1, 4, 8, 8], np.int64))])
+    model = b.build(b.node("Relu", [y]), output_shape=[1, 4, 8, 8])
+    result = verify(model, model, {"x": [1, 4, 8, 8]})
+    assert result.ok and len(result.shapes) == 1
+    assert any(n.startswith("only one input shape checked") for n in result.notes)
+    assert "only one input shape checked" in result.describe()
+
+
+def test_second_shapes_change_named_dims_together():
+    b = GraphBuilder(["N", 4, "S", "S"])
+    model = b.build(b.node("Relu", [b.x]), output_shape=["N", 4, "S", "S"])
+    assert second_shapes(model, {"x": [1, 4, 6, 6]}) == [
+        {"x": [2, 4, 7, 7]}, {"x": [2, 4, 8, 8]}, {"x": [2, 4, 12, 12]}, {"x": [1, 4, 7, 7]}, {"x": [2, 4, 6, 6]}]
+    static = GraphBuilder([1, 4, 6, 6])
+    assert second_shapes(static.build(static.node("Relu", [static.x])), {"x": [1, 4, 6, 6]}) == []
+
+
+def test_candidate_that_fails_to_run_at_the_second_shape_fails_without_a_divergence():
+    def model_with(shape):
+        b = GraphBuilder([1, 4, "H", 8])
+        y = b.node("Reshape", [b.node("Relu", [b.x]), b.const(np.asarray(shape, np.int64))])
+        return b.build(b.node("Relu", [y]), output_shape=[1, 4, "H", 8])
+
+    model, baked = model_with([1, 4, -1, 8]), model_with([1, 4, 8, 8])
+    result = verify(model, baked, {"x": [1, 4, 8, 8]})
+    assert not result.ok
+    assert result.outputs[0].note.startswith("the optimized model fails to run")
+    assert "x=[1,4,9,8]" in result.describe()
+
+
 # ---- the criterion itself ----------------------------------------------------------------
 
 
@@ -343,7 +439,7 @@ def test_default_draws_cover_every_kind_once():
     model = two_layer()
     verifier = Verifier(model, static_shapes(model), "test")
     assert DEFAULT_DRAWS == len(DRAW_KINDS) == 5 and verifier.draw_kinds == list(DRAW_KINDS)
-    feeds = verifier.feeds
+    feeds = verifier.feeds[0]
     assert len(feeds) == 5
     x = [f["x"] for f in feeds]
     assert 100 < np.abs(x[1]).max() < 1e4  # large
@@ -358,5 +454,5 @@ def test_integer_inputs_are_drawn_as_before():
     y = b.node("Add", [b.x, b.node("Cast", ["i"], to=TensorProto.FLOAT)])
     model = b.build(y)
     verifier = Verifier(model, {"x": [1, 4], "i": [1, 4]}, "test")
-    assert all(f["i"].dtype == np.int64 and 0 <= f["i"].min() <= f["i"].max() < 8 for f in verifier.feeds)
+    assert all(f["i"].dtype == np.int64 and 0 <= f["i"].min() <= f["i"].max() < 8 for f in verifier.feeds[0])
     assert verifier.check(model).ok
