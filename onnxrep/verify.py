@@ -18,17 +18,21 @@ See docs/verification.md for the reasoning; in short:
   (:data:`DEFAULT_DRAWS`) covers each kind once.
 * Shapes: the resolved input shapes and, when an input has a dynamic dim, a second shape the
   original accepts (:func:`second_shapes`).
+* Tensor by tensor: every float tensor produced by a node of the original is also compared
+  wherever the candidate has a tensor of that name, within :data:`TENSOR_BUDGET_BYTES` of stored
+  reference values; the first diverging one in the candidate's node order is reported with the
+  node that produces it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from . import modelio
 from .errors import OnnxrepError, first_line
@@ -52,6 +56,9 @@ DEFAULT_DRAWS = len(DRAW_KINDS)
 #: Scale of the "large" draw (standard normal times this); float16 overflows above 65504.
 LARGE_SCALE = {"float16": 1e2}
 LARGE_SCALE_DEFAULT = 1e3
+#: Reference values of intermediate tensors kept for the tensor-by-tensor comparison, over all
+#: draws and shapes together. Graph outputs are always compared and not counted.
+TENSOR_BUDGET_BYTES = 256 << 20
 
 _FLOAT_TYPES = {
     TensorProto.DOUBLE: "float64",
@@ -60,6 +67,7 @@ _FLOAT_TYPES = {
     TensorProto.BFLOAT16: "bfloat16",
 }
 _PRECISION = ("bfloat16", "float16", "float32", "float64")  # lowest first
+_LIGHT_TENSOR = 4096  # initializers up to this many elements keep their values for inference
 
 
 @dataclass
@@ -80,10 +88,20 @@ class TensorCheck:
     channel: Optional[int] = None  # None: compared as one (rank < 2)
     draw: str = ""  # kind of the deciding draw
     inputs: str = ""  # input shapes of the deciding draw
+    node: Optional[str] = None  # candidate node producing the tensor (None: an initializer)
 
 
 #: The name used before per-tensor checks existed.
 OutputCheck = TensorCheck
+
+
+@dataclass
+class Divergence:
+    """A tensor present in both models whose values differ, and the candidate node making it."""
+
+    tensor: str
+    node: Optional[str]  # None when the candidate holds the tensor as an initializer
+    op_type: Optional[str] = None
 
 
 @dataclass
@@ -99,6 +117,13 @@ class VerifyResult:
     #: the input shapes every draw ran at (the resolved ones first)
     shapes: List[Dict[str, List[int]]] = field(default_factory=list)
     outputs: List[TensorCheck] = field(default_factory=list)
+    #: tensors compared: graph outputs plus intermediate tensors present in both models
+    tensors_compared: int = 0
+    #: every tensor that differs, in the candidate's node order (initializers first)
+    diverging: List[TensorCheck] = field(default_factory=list)
+    first_divergence: Optional[Divergence] = None
+    #: the tensor closest to (or furthest over) its tolerance, intermediates included
+    worst_tensor: Optional[TensorCheck] = None
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -111,6 +136,11 @@ class VerifyResult:
         """Largest error / allowed over the graph outputs (1.0: at the tolerance)."""
         return max((o.ratio for o in self.outputs), default=0.0)
 
+    @property
+    def max_tensor_ratio(self) -> float:
+        """Largest error / allowed over every tensor compared."""
+        return self.worst_tensor.ratio if self.worst_tensor is not None else 0.0
+
     def criterion(self) -> str:
         floor = f"{self.atol:g}" if self.atol is not None else f"{self.floor_rel:g} * max|ref|"
         return f"max|y_c - ref_c| <= {self.rtol:g} * max|ref_c| + {floor} per channel ({self.dtype})"
@@ -118,11 +148,12 @@ class VerifyResult:
     def describe(self) -> str:
         """One line: verdict, the deciding tensor, the criterion, draws and shapes."""
         scope = (
-            f"{len(self.outputs)} output(s); {self.criterion()}; {self.draws} draws "
+            f"{len(self.outputs)} output(s) and {max(self.tensors_compared - len(self.outputs), 0)} "
+            f"intermediate tensor(s); {self.criterion()}; {self.draws} draws "
             f"({', '.join(self.draw_kinds)}) at {len(self.shapes)} input shape(s)"
         )
         notes = "".join(f"; {n}" for n in self.notes)
-        if not self.outputs:
+        if not self.outputs and not self.diverging:
             return f"{'verified' if self.ok else 'FAILED verification'}: no outputs compared{notes}"
         if self.ok:
             worst = max(self.outputs, key=lambda o: o.ratio)
@@ -131,14 +162,14 @@ class VerifyResult:
                 f"verified: {scope}; worst {worst.ratio:.1%} of allowed "
                 f"(|error| {worst.error:.2e} on {where}, {worst.draw} draw){notes}"
             )
-        failing = [o for o in self.outputs if not o.ok]
-        bad = failing[0]
+        bad = self.diverging[0] if self.diverging else next(o for o in self.outputs if not o.ok)
+        node = f" (node '{bad.node}')" if bad.node else ""
         chan = f" channel {bad.channel}" if bad.channel is not None else ""
         detail = bad.note or f"max |error| {bad.error:.2e}, allowed {bad.allowed:.2e}"
         at = f", {bad.draw} draw" if bad.draw else ""
         at += f" at {bad.inputs}" if bad.inputs else ""
-        count = f"; {len(failing)} outputs differ" if len(failing) > 1 else ""
-        return f"FAILED verification: '{bad.name}'{chan}: {detail}{at}{count}; compared {scope}{notes}"
+        count = f"; {len(self.diverging)} tensor(s) differ" if len(self.diverging) > 1 else ""
+        return f"FAILED verification: '{bad.name}'{node}{chan}: {detail}{at}{count}; compared {scope}{notes}"
 
 
 # --------------------------------------------------------------------------------------
@@ -200,6 +231,62 @@ def _all_nodes(graph: onnx.GraphProto):
 def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:
     """(rtol, floor_rel) for the model's computation dtype."""
     return TOLERANCES[computation_dtype(model)]
+
+
+def _tensor_types(model: onnx.ModelProto, shapes: Dict[str, List[int]]) -> Dict[str, Tuple[int, Optional[List[int]]]]:
+    """Element type and (concrete, when inference can tell) shape of every tensor of the top
+    graph, by ONNX shape inference on a light copy: weights are declared by type and shape only,
+    so a large model is never serialized whole."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    declared = set()
+    for inp in model.graph.input:
+        vi = g.input.add()
+        vi.CopyFrom(inp)
+        declared.add(inp.name)
+        if inp.name in shapes and inp.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= _LIGHT_TENSOR and t.data_location != TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        light = shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - fall back to whatever the model declares
+        pass
+    out: Dict[str, Tuple[int, Optional[List[int]]]] = {}
+    for vi in list(light.graph.value_info) + list(light.graph.output) + list(light.graph.input):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.elem_type:
+            continue
+        dims = None
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            dims = [d.dim_value for d in tt.shape.dim]
+        out[vi.name] = (tt.elem_type, dims)
+    for t in model.graph.initializer:
+        out[t.name] = (t.data_type, list(t.dims))
+    return out
+
+
+def _input_dependent(model: onnx.ModelProto) -> Set[str]:
+    """Tensors of the top graph whose value depends on a graph input (the rest are constants)."""
+    init = {t.name for t in model.graph.initializer}
+    dynamic = {i.name for i in model.graph.input if i.name not in init}
+    for node in model.graph.node:
+        has_body = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if has_body or any(i in dynamic for i in node.input if i):
+            dynamic.update(o for o in node.output if o)
+    return dynamic
 
 
 def _dynamic_dims(model: onnx.ModelProto, shapes: Dict[str, List[int]]) -> List[Tuple[str, int, str]]:
@@ -281,6 +368,14 @@ def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], dra
     return feeds
 
 
+def _with_outputs(model: onnx.ModelProto, extra: Sequence[Tuple[str, int]]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``extra`` ((name, elem_type) pairs)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(helper.make_tensor_value_info(name, elem, None) for name, elem in extra)
+    return copy
+
+
 def _shape_text(shapes: Dict[str, List[int]]) -> str:
     return ", ".join(f"{k}=[{','.join(map(str, v))}]" for k, v in shapes.items())
 
@@ -347,8 +442,8 @@ def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol:
 
 
 class Verifier:
-    """Runs the reference once per draw and shape, keeps its outputs, and compares candidates
-    against them (``check``)."""
+    """Runs the reference once per draw and shape, keeps its outputs and intermediate tensors,
+    and compares candidates against them (``check``)."""
 
     def __init__(
         self,
@@ -360,6 +455,8 @@ class Verifier:
         draws: int = DEFAULT_DRAWS,
         seed: int = 0,
         *,
+        compare_tensors: bool = True,
+        tensor_budget: int = TENSOR_BUDGET_BYTES,
         second_shape: bool = True,
     ):
         """
@@ -369,6 +466,8 @@ class Verifier:
             rtol: relative tolerance per channel (default by computation dtype, see TOLERANCES).
             atol: absolute floor replacing the relative one (floor_rel * max|ref|); None: relative.
             draws: float input draws per shape, cycling through DRAW_KINDS.
+            compare_tensors: also compare intermediate tensors present in both models.
+            tensor_budget: bytes of intermediate reference values kept for that.
             second_shape: also verify at a second input shape when an input has dynamic dims.
         """
         if draws < 1:
@@ -384,12 +483,46 @@ class Verifier:
         large = LARGE_SCALE.get(self.dtype, LARGE_SCALE_DEFAULT)
         self.draw_kinds_text = [f"large x{large:g}" if k == "large" else k for k in self.draw_kinds]
         self.output_names = [o.name for o in reference.graph.output]
-        alternatives = second_shapes(reference, shapes) if second_shape else []
 
-        session = _session(reference, label)
+        # Intermediate tensors to compare ("taps"): float node outputs of the reference, in node
+        # order, while their values for all draws and shapes fit the budget (static sizes here;
+        # tensors inference cannot size are measured as they come, see _trim).
+        alternatives = second_shapes(reference, shapes) if second_shape else []
+        runs = draws * (2 if alternatives else 1)
+        self._dependent = _input_dependent(reference)
+        taps: List[Tuple[str, int]] = []
+        n_floats, used = 0, 0
+        if compare_tensors:
+            types = _tensor_types(reference, shapes)
+            seen: Set[str] = set(self.output_names)
+            for node in reference.graph.node:
+                for name in node.output:
+                    elem, dims = types.get(name, (0, None))
+                    if not name or name in seen or elem not in _FLOAT_TYPES:
+                        continue
+                    seen.add(name)
+                    n_floats += 1
+                    size = int(np.prod(dims, dtype=np.int64)) * _itemsize(elem) if dims is not None else 0
+                    used += size * (runs if name in self._dependent else 1)
+                    if used <= tensor_budget and len(taps) == n_floats - 1:  # a prefix in node order
+                        taps.append((name, elem))
+        self._tap_types: Dict[str, int] = dict(taps)
+        self._taps: List[str] = [n for n, _ in taps]
+        self._budget = tensor_budget
+        self._stored = 0  # bytes of intermediate reference values kept
+
+        try:
+            session = _session(_with_outputs(reference, taps) if taps else reference, label)
+        except OnnxrepError:
+            if not taps:
+                raise
+            session, self._taps, self._tap_types, n_floats = _session(reference, label), [], {}, 0
+            self.notes.append("intermediate tensors not compared (onnxruntime cannot output them)")
+
         self.shapes: List[Dict[str, List[int]]] = []
         self.feeds: List[List[dict]] = []
         self._expected: List[List[Dict[str, np.ndarray]]] = []  # [shape][draw] -> name -> value
+        self._constants: Dict[str, np.ndarray] = {}  # input-independent taps, stored once
         #: [shape] -> name -> max|ref| over the unit-scale draws (the floor's reference)
         self._scale: List[Dict[str, float]] = []
 
@@ -411,19 +544,59 @@ class Verifier:
                 "only one input shape checked although inputs have dynamic dims: the original fails at "
                 + "; ".join(failures[:2])
             )
+        del session  # the reference is not needed again: release its memory
+        if len(self._taps) < n_floats:
+            self.notes.append(
+                f"tensor budget ({tensor_budget / 2**20:.3g} MiB) reached: {len(self._taps)} of "
+                f"{n_floats} intermediate tensors kept for comparison"
+            )
 
     def _add_shape(self, session, shapes: Dict[str, List[int]], feeds: List[dict]) -> None:
-        """Run every draw at one input shape and keep the outputs (nothing when it fails)."""
-        runs = [dict(zip(self.output_names, session.run(self.output_names, feed))) for feed in feeds]
+        """Run every draw at one input shape and keep what is compared (nothing when it fails)."""
+        names = self.output_names + self._taps
+        results = [dict(zip(names, session.run(names, feed))) for feed in feeds]
         scale: Dict[str, float] = {}
-        for kind, values in zip(self.draw_kinds, runs):
+        runs: List[Dict[str, np.ndarray]] = []
+        for kind, values in zip(self.draw_kinds, results):
             if kind != "large":
                 for name, value in values.items():
                     scale[name] = max(scale.get(name, 0.0), _magnitude(value))
+            stored: Dict[str, np.ndarray] = {}
+            for name, value in values.items():
+                if name in self._tap_types and name not in self._dependent:
+                    if name not in self._constants:
+                        self._constants[name] = value
+                        self._stored += value.nbytes
+                    continue
+                stored[name] = value
+                if name in self._tap_types:
+                    self._stored += value.nbytes
+            runs.append(stored)
+        del results
+        self._trim(runs)
         self.shapes.append({k: list(v) for k, v in shapes.items()})
         self.feeds.append(feeds)
         self._expected.append(runs)
         self._scale.append(scale)
+
+    def _trim(self, current: List[Dict[str, np.ndarray]]) -> None:
+        """Drop the last kept taps (in node order) until the stored values fit the budget."""
+        while self._stored > self._budget and self._taps:
+            name = self._taps.pop()
+            del self._tap_types[name]
+            for runs in self._expected + [current]:
+                for stored in runs:
+                    value = stored.pop(name, None)
+                    if value is not None:
+                        self._stored -= value.nbytes
+            value = self._constants.pop(name, None)
+            if value is not None:
+                self._stored -= value.nbytes
+
+    @property
+    def tensors(self) -> List[str]:
+        """Names compared when present in a candidate: the outputs, then intermediates."""
+        return self.output_names + self._taps
 
     def check(self, candidate: onnx.ModelProto) -> VerifyResult:
         result = VerifyResult(
@@ -436,22 +609,58 @@ class Verifier:
             result.outputs.append(TensorCheck(",".join(names), float("inf"), 0.0, False, "output names changed",
                                               ratio=float("inf")))
             return result
-        session = _session(candidate, f"{self.label} (optimized)")
+
+        position: Dict[str, Tuple[int, str, str]] = {}
+        for i, node in enumerate(candidate.graph.node):
+            for o in node.output:
+                if o:
+                    position[o] = (i, node.name, node.op_type)
+        initializers = {t.name: t for t in candidate.graph.initializer}
+        outputs = set(self.output_names)
+        cand_types = _tensor_types(candidate, self.shapes[0]) if self._taps else {}
+        taps, incomparable = [], []
+        for name in self._taps:
+            if name in position:
+                elem = cand_types.get(name, (self._tap_types[name], None))[0]
+                if elem != self._tap_types[name]:
+                    incomparable.append(name)
+                else:
+                    taps.append((name, elem))
+        init_taps = [n for n in self._taps if n not in position and n in initializers]
+
+        session = None
+        if taps:
+            try:
+                session = _session(_with_outputs(candidate, taps), f"{self.label} (optimized)")
+            except OnnxrepError:
+                taps = []
+                result.notes.append("intermediate tensors not compared (onnxruntime cannot output them)")
+        if session is None:
+            session = _session(candidate, f"{self.label} (optimized)")
+        run_names = self.output_names + [n for n, _ in taps]
         cand_inputs = {i.name for i in session.get_inputs()}
+
         worst: Dict[str, TensorCheck] = {}
+        skipped: Set[str] = set(incomparable)
 
         def record(name: str, cmp: _Cmp, kind: str, shape_text: str) -> None:
-            unit = cmp.max_abs if not kind.startswith("large") else 0.0
+            if name in skipped:
+                return
             prev = worst.get(name)
+            if prev is None and name not in outputs and cmp.note.startswith(("shape ", "dtype ")):
+                skipped.add(name)  # the same name for another tensor from the start: not comparable
+                return
+            unit = cmp.max_abs if not kind.startswith("large") else 0.0
             if prev is None:
                 worst[name] = TensorCheck(name, unit, cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio,
-                                          cmp.channel, kind, shape_text)
+                                          cmp.channel, kind, shape_text, position.get(name, (None, None))[1])
                 return
             prev.max_abs_error = max(prev.max_abs_error, unit)
             if cmp.ratio > prev.ratio or (prev.ok and not cmp.ok):
                 prev.allowed, prev.ok, prev.note, prev.error, prev.ratio = cmp.allowed, cmp.ok, cmp.note, cmp.error, cmp.ratio
                 prev.channel, prev.draw, prev.inputs = cmp.channel, kind, shape_text
 
+        first_run = True
         for shape, feeds, expected, scale in zip(self.shapes, self.feeds, self._expected, self._scale):
             shape_text = _shape_text(shape)
             for kind, feed, ref in zip(self.draw_kinds_text, feeds, expected):
@@ -461,19 +670,36 @@ class Verifier:
                     result.notes.append(f"the optimized model needs inputs the original does not have: {sorted(missing)}")
                     return result
                 try:
-                    got = session.run(self.output_names, {k: v for k, v in feed.items() if k in cand_inputs})
+                    got = session.run(run_names, {k: v for k, v in feed.items() if k in cand_inputs})
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                     failed = _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"),
                                   note=f"{_RUN_FAILED} ({first_line(exc)})")
                     for name in self.output_names:
                         record(name, failed, kind, shape_text)
                     break
-                for name, y in zip(self.output_names, got):
-                    cmp = compare(y, ref[name], self.rtol, self.floor_rel, self.atol, scale.get(name, 0.0))
-                    record(name, cmp, kind, shape_text)
+                values = dict(zip(run_names, got))
+                values.update((n, numpy_helper.to_array(initializers[n])) for n in init_taps)
+                for name, y in values.items():
+                    ref_value = ref.get(name)
+                    if ref_value is None and first_run:  # input-independent: compared once
+                        ref_value = self._constants.get(name)
+                    if ref_value is not None:
+                        cmp = compare(y, ref_value, self.rtol, self.floor_rel, self.atol, scale.get(name, 0.0))
+                        record(name, cmp, kind, shape_text)
+                first_run = False
 
-        result.outputs = [worst[n] for n in self.output_names]
-        result.ok = all(o.ok for o in result.outputs)
+        result.outputs = [worst[n] for n in self.output_names if n in worst]
+        result.tensors_compared = len(worst)
+        result.worst_tensor = max(worst.values(), key=lambda c: c.ratio, default=None)
+        if skipped:
+            result.notes.append(f"{len(skipped)} same-named tensor(s) of another shape or dtype not compared")
+        order = {n: position.get(n, (-1,))[0] for n in worst}
+        result.diverging = sorted((c for c in worst.values() if not c.ok), key=lambda c: order[c.name])
+        result.ok = not result.diverging and len(result.outputs) == len(self.output_names)
+        first = result.diverging[0] if result.diverging else None
+        if first is not None and not first.note.startswith(_RUN_FAILED):
+            pos = position.get(first.name)
+            result.first_divergence = Divergence(first.name, pos[1] if pos else None, pos[2] if pos else None)
         return result
 
 
@@ -490,3 +716,7 @@ def _magnitude(value: np.ndarray) -> float:
         return top
     a = np.abs(value.astype(np.float64))
     return float(a[np.isfinite(a)].max(initial=0.0))
+
+
+def _itemsize(elem: int) -> int:
+    return {TensorProto.DOUBLE: 8, TensorProto.FLOAT: 4}.get(elem, 2)

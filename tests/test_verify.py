@@ -9,8 +9,12 @@ scaled channel, a border error, a shape that only works at even sizes). The case
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -18,6 +22,8 @@ import onnxrep
 from helpers import GraphBuilder, run
 from onnxrep.verify import (DEFAULT_DRAWS, DRAW_KINDS, TOLERANCES, Verifier, compare, computation_dtype,
                             second_shapes)
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -62,20 +68,29 @@ def conv_node(model, index=0):
     return [n for n in model.graph.node if n.op_type == "Conv"][index]
 
 
-def two_layer(seed=0):
-    """x -> Conv 4->4 -> Relu -> Conv 4->3."""
+def two_layer(seed=0, attenuate=None):
+    """x -> Conv 4->4 -> Relu -> Conv 4->3; ``attenuate``: scale conv2's weights reading that
+    channel by 1e-6, so an error of conv1 in it hardly reaches the output."""
     b = GraphBuilder([1, 4, 8, 8], seed=seed)
     h = b.node("Relu", [b.conv(b.x, 4, 4)])
-    return b.build(b.conv(h, 4, 3))
+    y = b.conv(h, 4, 3)
+    model = b.build(y)
+    if attenuate is not None:
+        w2 = conv_node(model, 1).input[1]
+        w = initializer(model, w2)
+        w[:, attenuate] *= 1e-6
+        model = with_initializer(model, w2, w)
+    return model
 
 
 # ---- correct candidates pass -------------------------------------------------------------
 
 
-def test_identical_candidate_passes():
+def test_identical_candidate_passes_with_every_tensor_compared():
     model = two_layer()
     result = verify(model, model)
-    assert result.ok
+    assert result.ok and result.first_divergence is None and not result.diverging
+    assert result.tensors_compared == 3  # every node output: conv, relu and the output conv
     assert result.max_abs_error == 0.0 and result.max_error_ratio == 0.0
     line = result.describe()
     assert line.startswith("verified: ") and "\n" not in line
@@ -118,6 +133,7 @@ def test_blind_spot_a_zeroed_small_channel_is_caught():
     result = verify(model, wrong)
     assert not result.ok
     assert result.outputs[0].channel == 1 and result.outputs[0].ratio > 10
+    assert (result.first_divergence.tensor, result.first_divergence.node) == (conv.output[0], conv.name)
     assert "FAILED verification" in result.describe() and "channel 1" in result.describe()
 
 
@@ -163,7 +179,7 @@ def test_blind_spot_b_every_element_of_a_tiny_output_wrong_is_caught(factor):
     if factor != 1 + 1e-3:
         assert old_criterion_accepts(model, wrong)
     result = verify(model, wrong)
-    assert not result.ok
+    assert not result.ok and result.first_divergence.tensor == conv.output[0]
 
 
 # ---- (c) errors confined to the border ----------------------------------------------------
@@ -212,6 +228,7 @@ def test_blind_spot_c_bias_free_formula_on_a_biased_1x1_is_caught_on_the_border(
     result = verify(model, wrong)
     assert not result.ok
     assert result.outputs[0].draw == "zeros"
+    assert (result.first_divergence.tensor, result.first_divergence.node) == (c2.output[0], "fused_conv")
 
 
 def test_the_same_composition_without_the_first_bias_passes():
@@ -310,9 +327,85 @@ def test_candidate_that_fails_to_run_at_the_second_shape_fails_without_a_diverge
 
     model, baked = model_with([1, 4, -1, 8]), model_with([1, 4, 8, 8])
     result = verify(model, baked, {"x": [1, 4, 8, 8]})
-    assert not result.ok
+    assert not result.ok and result.first_divergence is None
     assert result.outputs[0].note.startswith("the optimized model fails to run")
     assert "x=[1,4,9,8]" in result.describe()
+
+
+# ---- tensor by tensor --------------------------------------------------------------------
+
+
+def test_error_attenuated_by_later_layers_is_caught_where_it_arises():
+    model = two_layer(attenuate=2)
+    c1 = conv_node(model, 0)
+    w = initializer(model, c1.input[1])
+    w[2] *= 1.01
+    wrong = with_initializer(model, c1.input[1], w)
+    outputs_only = verify(model, wrong, compare_tensors=False)
+    assert outputs_only.ok  # at the output the error is ~1e-8 of it
+    result = verify(model, wrong)
+    assert not result.ok and result.outputs[0].ok
+    assert (result.first_divergence.tensor, result.first_divergence.node) == (c1.output[0], c1.name)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    assert [c.name for c in result.diverging] == [c1.output[0], relu.output[0]]
+    assert result.diverging[0].channel == 2
+
+
+def test_first_divergence_is_the_earliest_in_the_candidates_node_order():
+    model = two_layer()
+    c1, c2 = conv_node(model, 0), conv_node(model, 1)
+    bias2 = initializer(model, c2.input[2])
+    bias2[0] += 1.0
+    wrong = with_initializer(model, c2.input[2], bias2)
+    assert verify(model, wrong).first_divergence.node == c2.name
+    w1 = initializer(model, c1.input[1])
+    w1[3] = 0
+    result = verify(model, with_initializer(wrong, c1.input[1], w1))
+    assert result.first_divergence.node == c1.name and result.diverging[-1].name == c2.output[0]
+
+
+def test_tensor_budget_limits_the_intermediates_compared_not_the_outputs():
+    model = two_layer(attenuate=2)
+    c1 = conv_node(model, 0)
+    w = initializer(model, c1.input[1])
+    w[2] *= 1.01
+    wrong = with_initializer(model, c1.input[1], w)
+    one = Verifier(model, static_shapes(model), "test", tensor_budget=4 * 256 * 5 + 1)  # room for one tap
+    result = one.check(wrong)
+    assert result.tensors_compared == 2 and not result.ok
+    assert any("tensor budget" in n and "1 of 2" in n for n in result.notes)
+    none = Verifier(model, static_shapes(model), "test", tensor_budget=0)
+    assert none.check(wrong).ok and none.check(wrong).tensors_compared == 1
+
+
+def test_same_named_tensor_of_another_shape_is_not_compared():
+    """A candidate may hold a tensor of the original's name with another shape: another tensor."""
+    b = GraphBuilder([1, 4, 6, 6])
+    model = b.build(b.node("Relu", [b.conv(b.x, 4, 4)]))
+    conv = conv_node(model)
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    conv_node(candidate).output[0] = "pre"
+    flat, back = (numpy_helper.from_array(np.array(s, np.int64), n) for s, n in (([1, 4, 36], "flat"), ([1, 4, 6, 6], "back")))
+    candidate.graph.initializer.extend([flat, back])
+    candidate.graph.node.insert(1, helper.make_node("Reshape", ["pre", "flat"], [conv.output[0]]))
+    candidate.graph.node.insert(2, helper.make_node("Reshape", [conv.output[0], "back"], ["unflat"]))
+    next(n for n in candidate.graph.node if n.op_type == "Relu").input[0] = "unflat"
+    result = verify(model, candidate)
+    assert result.ok and result.tensors_compared == 1
+    assert "1 same-named tensor(s) of another shape or dtype not compared" in result.notes
+
+
+def test_tensors_of_unknown_size_are_measured_against_the_budget(monkeypatch):
+    import onnxrep.verify as verify_module
+
+    sized = verify_module._tensor_types
+    monkeypatch.setattr(verify_module, "_tensor_types",
+                        lambda model, shapes: {k: (e, None) for k, (e, _) in sized(model, shapes).items()})
+    model = two_layer()
+    verifier = Verifier(model, static_shapes(model), "test", tensor_budget=4 * 256 * 5 + 1)
+    assert verifier.tensors == [model.graph.output[0].name, conv_node(model).output[0]]
+    assert any("1 of 2" in n for n in verifier.check(model).notes)
 
 
 # ---- the criterion itself ----------------------------------------------------------------
@@ -445,6 +538,7 @@ def test_default_draws_cover_every_kind_once():
     assert 100 < np.abs(x[1]).max() < 1e4  # large
     assert not x[2].any()  # zeros
     assert x[3].min() >= 0 and x[4].max() <= 0
+    assert not any(isinstance(v, ort.InferenceSession) for v in vars(verifier).values())
     assert Verifier(model, static_shapes(model), "test", draws=3).draw_kinds == ["normal", "large", "zeros"]
 
 
@@ -456,3 +550,21 @@ def test_integer_inputs_are_drawn_as_before():
     verifier = Verifier(model, {"x": [1, 4], "i": [1, 4]}, "test")
     assert all(f["i"].dtype == np.int64 and 0 <= f["i"].min() <= f["i"].max() < 8 for f in verifier.feeds[0])
     assert verifier.check(model).ok
+
+
+# ---- the fixtures, with the default draws ------------------------------------------------
+
+
+with open(os.path.join(MODELS, "manifest.json")) as f:
+    MANIFEST = json.load(f)
+
+
+@pytest.mark.parametrize("entry", MANIFEST, ids=[e["file"] for e in MANIFEST])
+def test_every_fixture_passes_the_default_verification_without_rollback(entry):
+    out, report = onnxrep.optimize(os.path.join(MODELS, entry["file"]), verify_draws=DEFAULT_DRAWS)
+    v = report.verification
+    assert v.ok and not report.rolled_back, v.describe()
+    assert len(v.shapes) == 2  # every fixture has a dynamic batch: batch 1 and 2
+    assert v.tensors_compared > 1 and not v.notes
+    assert v.max_error_ratio < 0.25, v.describe()  # well inside the tolerance, not at its edge
+
