@@ -81,13 +81,25 @@ class Report:
 def _verification_dict(v: Optional[VerifyResult]):
     if v is None:
         return None
+    first = v.first_divergence
     return {
         "ok": v.ok,
+        "criterion": v.criterion(),
+        "dtype": v.dtype,
         "rtol": v.rtol,
+        "floor_rel": v.floor_rel,
         "atol": v.atol,
         "draws": v.draws,
+        "draw_kinds": v.draw_kinds,
+        "shapes": v.shapes,
         "max_abs_error": v.max_abs_error,
+        "max_error_ratio": v.max_error_ratio,
+        "worst_tensor": asdict(v.worst_tensor) if v.worst_tensor else None,
+        "tensors_compared": v.tensors_compared,
+        "first_divergence": asdict(first) if first else None,
+        "diverging": [asdict(c) for c in v.diverging[:10]],
         "outputs": [asdict(o) for o in v.outputs],
+        "notes": v.notes,
     }
 
 

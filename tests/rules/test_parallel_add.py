@@ -152,7 +152,8 @@ def test_float16_block_is_folded_in_float64_and_verified_with_the_fp16_tolerance
     model = b.build(repvgg_block(b, b.x, 8, 8))
     out, report = optimize(model)
     assert ops(out) == {"Conv": 1, "Relu": 1}
-    assert (report.verification.rtol, report.verification.atol) == (1e-2, 1e-3)
+    v = report.verification
+    assert (v.dtype, v.rtol, v.floor_rel, v.atol) == ("float16", 1e-2, 1e-3, None)
     assert report.verification.ok
     w = next(i for i in out.graph.initializer if i.name.endswith("weight"))
     assert w.data_type == onnx.TensorProto.FLOAT16
