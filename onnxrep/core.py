@@ -31,7 +31,7 @@ def optimize(
     only: Optional[Iterable[str]] = None,
     skip: Optional[Iterable[str]] = None,
     verify: bool = True,
-    verify_draws: int = 3,
+    verify_draws: int = 5,
     seed: int = 0,
     allow_growth: bool = False,
     rollback: bool = True,
