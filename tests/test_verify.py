@@ -1,4 +1,4 @@
-"""The verifier against deliberately wrong candidates (DESIGN 4), and correct ones that must pass.
+"""The verifier against deliberately wrong candidates (docs/verification.md), and correct ones that must pass.
 
 Each wrong candidate below is hand-made from its reference by one small change (a zeroed or
 scaled channel, a border error, a shape that only works at even sizes). The cases marked
