@@ -16,6 +16,7 @@ from .border_pad import FoldBorderPadIntoConv
 from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
 from .gelu import CanonicalizeGelu
+from .matmul_bn import FoldBnThroughReshape
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
 from .sequential import ComposeSequentialConvs
@@ -26,6 +27,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldPadIntoConv(),
     FoldBorderPadIntoConv(),
     FoldBnIntoConv(),
+    FoldBnThroughReshape(),
     FoldAffineIntoConv(),
     FoldAffineIntoNextLayer(),
     MergeParallelAdd(),
