@@ -1,7 +1,9 @@
 """Command line: ``python -m onnxrep IN [-o OUT] [options]`` (also the ``onnxrep`` script).
 
-Exit status: 0 written (or nothing to write with --dry-run), 1 verification failed, 2 bad input
-or options, 3 internal error. Errors are one line on stderr; nothing is written on any error.
+Exit status: 0 written (or nothing to write with --dry-run), 1 verification failed, 2 bad input,
+options or paths (a write the OS refused included), 3 internal error. Errors are one line on
+stderr; nothing is written on any error, and every file is either written completely or left
+as it was (docs/files.md).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 from typing import Dict, List, Optional
 
@@ -91,57 +92,23 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory")
-
-
-def _check_paths(args, output: str) -> None:
-    """Refuse bad output paths before any work, so that an error never leaves a file behind."""
+def _check_paths(args, output: str) -> List[str]:
+    """Refuse bad output paths before any work, so that an error never leaves a file behind.
+    Returns the input's external data files."""
     if not os.path.exists(args.input):
-        return  # loading reports the missing input (not its default output's missing folder)
+        return []  # loading reports the missing input (not its default output's missing folder)
+    in_data = modelio.data_files(args.input)
     if not args.dry_run:
         if _same_file(args.input, output) and not args.in_place:
             raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
-        _check_writable(output)
+        modelio.check_writable(output, external=bool(in_data))
     if args.report:
         if _same_file(args.input, args.report):
             raise UsageError(f"{args.report}: --report would overwrite the input model")
         if not args.dry_run and os.path.abspath(args.report) == os.path.abspath(output):
             raise UsageError(f"{args.report}: --report would overwrite the output model")
-        _check_writable(args.report)
-
-
-def _file_mode(path: str) -> int:
-    """The mode a plain open(path, "w") would give: the existing file's, else 0666 minus umask."""
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(data_writer, path: str) -> None:
-    """Write through a temp file in the target folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxrep-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        data_writer(tmp)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give the usual mode instead
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text + "\n")
+        modelio.check_writable(args.report)
+    return in_data
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -149,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     output = args.output or default_output(args.input)
     try:
         shapes = parse_shapes(args.input_shape, args.input)
-        _check_paths(args, output)
+        in_data = _check_paths(args, output)
         model, report = optimize(
             args.input,
             input_shapes=shapes,
@@ -165,12 +132,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         if args.no_verify:
             print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
+        written = False
         if not args.dry_run:
-            modelio.write_model(model, output, atomic_write, report.external_data or modelio.needs_external_data(model))
+            external = report.external_data or modelio.needs_external_data(model)
+            # Data files that must survive the replacement of the previous output: the
+            # input's (unless it is the file being replaced) and the report.
+            keep = [args.input, *([] if args.in_place else in_data), *([args.report] if args.report else [])]
+            modelio.save(model, output, external, keep=keep)
+            written = True
             report.output = output
         if args.report:
-            text = json.dumps(report.to_dict(), indent=2)
-            atomic_write(lambda tmp: _write_text(tmp, text), args.report)
+            try:
+                modelio.write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
+            except OnnxrepError as exc:
+                raise OnnxrepError(f"{exc} (the model was written to {output})" if written else str(exc)) from exc
         if not args.quiet:
             print(report.summary(verbose=args.verbose))
         return EXIT_OK
