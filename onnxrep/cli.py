@@ -1,16 +1,18 @@
 """Command line: ``python -m onnxrep IN [-o OUT] [options]`` (also the ``onnxrep`` script).
 
 Exit status: 0 written (or nothing to write with --dry-run), 1 verification failed, 2 bad input,
-options or paths (a write the OS refused included), 3 internal error. Errors are one line on
-stderr; nothing is written on any error, and every file is either written completely or left
-as it was (docs/files.md).
+options or paths (a write the OS refused included), 3 internal error, 130 / 143 interrupted by
+SIGINT / SIGTERM. Errors are one line on stderr; nothing is written on any error, and every file
+is either written completely or left as it was (docs/files.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Dict, List, Optional
@@ -111,9 +113,54 @@ def _check_paths(args, output: str) -> List[str]:
     return in_data
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like KeyboardInterrupt so that it takes the same clean way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM raises _Terminated instead of killing the process, so an
+    interrupted write removes its temp files. Only the CLI does this (importing onnxrep changes
+    no handler); the previous handler is restored; an ignored SIGTERM stays ignored; outside
+    the main thread signals are left alone."""
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = False
+    if previous not in (signal.SIG_IGN, None):
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+            installed = True
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _identity(path: str):
+    """What tells whether a file was replaced or rewritten (None: it does not exist)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     output = args.output or default_output(args.input)
+    with _sigterm_interrupts():
+        return _run(args, output)
+
+
+def _run(args, output: str) -> int:
+    targets = [p for p in ([] if args.dry_run else [output]) + [args.report] if p]
+    before = {p: _identity(p) for p in targets}
     try:
         shapes = parse_shapes(args.input_shape, args.input)
         in_data = _check_paths(args, output)
@@ -155,9 +202,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OnnxrepError as exc:
         print(f"onnxrep: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("onnxrep: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        changed = [p for p in targets if _identity(p) != before[p]]
+        done = f"after writing {', '.join(changed)}" if changed else "nothing written"
+        print(f"onnxrep: interrupted ({'SIGTERM' if terminated else 'SIGINT'}); {done}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as exc:  # a bug: still one line, traceback only with -v
         if args.verbose:
             traceback.print_exc()

@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -378,3 +379,64 @@ def test_every_step_of_an_in_place_rewrite_can_fail(external_input, monkeypatch,
     new = onnx.load(str(external_input))
     new.graph.node[-1].name = "renamed"  # any change
     _crash_points(tmp_path, monkeypatch, external_input, new, block_model(), keep=())
+
+
+# --------------------------------------------------------------------------------------
+# 3. Interrupted runs (SIGINT, SIGTERM): earlier files untouched, own temp files removed
+# --------------------------------------------------------------------------------------
+
+
+def _signal_when_writing(proc: subprocess.Popen, folder: Path, sig: int, timeout: float = 120) -> bool:
+    """Send ``sig`` as soon as a temp file shows up in ``folder``; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(name.startswith(TEMP) for name in os.listdir(folder)):
+            proc.send_signal(sig)
+            return True
+        time.sleep(0.0002)  # leave the CPU to the run
+    return False
+
+
+@pytest.fixture(scope="module")
+def heavy_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("heavy")
+    return save_external(heavy_model(), folder / "heavy.onnx")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("scenario", ["in_place", "rerun"])
+def test_interrupted_write_leaves_earlier_files(scenario, sig, status, heavy_files, tmp_path):
+    src = tmp_path / "heavy.onnx"
+    for p in heavy_files.parent.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    if scenario == "in_place":
+        out, args = src, ["--in-place"]
+    else:
+        out, args = tmp_path / "out.onnx", []
+        assert run_main(src, "-o", out, "-q")[0] == 0
+    before = snapshot(tmp_path)
+    proc = onnxrep_process(src, "-o", out, "-q", *args)
+    sent = _signal_when_writing(proc, tmp_path, sig)
+    _, err = proc.communicate(timeout=120)
+    assert sent, f"the run ended (status {proc.returncode}) before its first temp file was seen"
+    assert proc.returncode == status, err
+    assert_one_line(err.decode(), "interrupted")
+    assert snapshot(tmp_path) == before
+
+
+def test_sigterm_handler_is_restored(external_input, tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert run_main(external_input, "-o", tmp_path / "o.onnx", "-q")[0] == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_importing_onnxrep_installs_no_signal_handler():
+    code = "import signal; h = signal.getsignal(signal.SIGTERM); import onnxrep, onnxrep.cli; " \
+           "assert signal.getsignal(signal.SIGTERM) is h"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
