@@ -91,25 +91,33 @@ def default_output(path: str) -> str:
 
 
 def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    """Whether writing ``a`` would clobber ``b`` (symlinks, ``./x`` and ``x``, hard links)."""
+    return modelio.same_file(a, b)
 
 
 def _check_paths(args, output: str) -> List[str]:
-    """Refuse bad output paths before any work, so that an error never leaves a file behind.
-    Returns the input's external data files."""
+    """Refuse bad or colliding paths before any work, so that an error never leaves a file
+    behind. Returns the input's external data files."""
     if not os.path.exists(args.input):
         return []  # loading reports the missing input (not its default output's missing folder)
     in_data = modelio.data_files(args.input)
+    report = args.report
     if not args.dry_run:
+        modelio.check_writable(output, external=bool(in_data))
         if _same_file(args.input, output) and not args.in_place:
             raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
-        modelio.check_writable(output, external=bool(in_data))
-    if args.report:
-        if _same_file(args.input, args.report):
-            raise UsageError(f"{args.report}: --report would overwrite the input model")
-        if not args.dry_run and os.path.abspath(args.report) == os.path.abspath(output):
-            raise UsageError(f"{args.report}: --report would overwrite the output model")
-        modelio.check_writable(args.report)
+        for data in in_data:
+            if _same_file(output, data):
+                raise UsageError(f"{output}: output is a data file of the input {args.input}")
+    if report:
+        modelio.check_writable(report)
+        named = [("the input model", args.input)] + [(f"a data file of the input ({d})", d) for d in in_data]
+        if not args.dry_run:
+            named.append(("the output model", output))
+            named += [(f"a data file of the output {output}", d) for d in modelio.data_files(output)]
+        for what, path in named:
+            if _same_file(report, path):
+                raise UsageError(f"{report}: --report would overwrite {what}")
     return in_data
 
 

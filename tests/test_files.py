@@ -1,5 +1,6 @@
 """File writes (DESIGN 5, docs/files.md): every file onnxrep writes is replaced atomically or
-left as it was; the model and its data file always belong together.
+left as it was; the model and its data file always belong together; colliding paths are
+refused before any work.
 
 Subprocess runs (signals, concurrency, stdout) use ``python -m onnxrep`` exactly as a user
 does; the rest runs ``onnxrep.cli.main`` or ``modelio.save`` in-process.
@@ -440,3 +441,62 @@ def test_importing_onnxrep_installs_no_signal_handler():
     code = "import signal; h = signal.getsignal(signal.SIGTERM); import onnxrep, onnxrep.cli; " \
            "assert signal.getsignal(signal.SIGTERM) is h"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Path collisions: refused before any work, nothing written
+# --------------------------------------------------------------------------------------
+
+
+def _collision_setup(tmp_path: Path) -> Path:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    src = save_external(block_model(), tmp_path / "in" / "model.onnx")
+    assert run_main(src, "-o", tmp_path / "out" / "out.onnx", "-q")[0] == 0
+    os.symlink("in", tmp_path / "in_link")
+    os.symlink("model.onnx.data", tmp_path / "in" / "data_link")
+    return src
+
+
+def _out_data(tmp_path: Path) -> str:
+    return "out/" + next(iter(locations(tmp_path / "out" / "out.onnx")[0]))
+
+
+COLLISIONS = {
+    # name: (arguments after the input, words the message must hold)
+    "report_is_input_data": (["--report", "in/model.onnx.data"], ["--report", "data file of the input"]),
+    "report_is_input_data_dot": (["--report", "./in/../in/model.onnx.data"], ["--report", "data file of the input"]),
+    "report_is_input_data_symlink": (["--report", "in/data_link"], ["--report", "data file of the input"]),
+    "report_is_input_data_hardlink": (["--report", "data_hardlink"], ["--report", "data file of the input"]),
+    "report_is_input_via_folder_link": (["--report", "in_link/model.onnx"], ["--report", "input"]),
+    "report_is_output": (["-o", "out/out.onnx", "--report", "./out/out.onnx"], ["--report", "output"]),
+    "report_is_output_via_folder_link": (["-o", "in/x.onnx", "--report", "in_link/x.onnx"], ["--report", "output"]),
+    "report_is_output_data": (["-o", "out/out.onnx", "--report", "{out_data}"], ["--report", "data file of"]),
+    "output_is_input_data": (["-o", "in/model.onnx.data"], ["data file of the input"]),
+    "output_is_input_data_in_place": (["-o", "in_link/model.onnx.data", "--in-place"], ["data file of the input"]),
+    "output_is_input_via_folder_link": (["-o", "in_link/model.onnx"], ["--in-place"]),
+}
+
+
+@pytest.mark.parametrize("case", COLLISIONS.values(), ids=COLLISIONS.keys())
+def test_path_collisions_are_refused(case, tmp_path, monkeypatch):
+    args, needles = case
+    _collision_setup(tmp_path)
+    if "data_hardlink" in args:  # (onnx refuses to load data with several links: only here)
+        os.link(tmp_path / "in" / "model.onnx.data", tmp_path / "data_hardlink")
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{out_data}", _out_data(tmp_path)) for a in args]
+    before = snapshot(tmp_path, tmp_path / "in", tmp_path / "out")
+    rc, out, err = run_main("in/model.onnx", *args, "-q")
+    assert rc == 2, err
+    assert out == ""
+    assert_one_line(err, *needles)
+    assert snapshot(tmp_path, tmp_path / "in", tmp_path / "out") == before
+
+
+def test_in_place_through_a_symlinked_folder_is_allowed(tmp_path, monkeypatch):
+    _collision_setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main("in/model.onnx", "-o", "in_link/model.onnx", "--in-place", "-q")
+    assert rc == 0, err
+    assert_consistent(tmp_path / "in" / "model.onnx", block_model(), only_data=False)
