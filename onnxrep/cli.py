@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import traceback
 from typing import Dict, List, Optional
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="ONNX model to optimize (never modified unless --in-place)")
-    p.add_argument("-o", "--output", help="where to write the result (default: INPUT with .rep.onnx)")
+    p.add_argument("-o", "--output", help="where to write the result (default: INPUT with .rep.onnx; '-': stdout)")
     p.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
         help="concrete shape for an input with dynamic dims (repeatable); a dynamic batch axis defaults to 1",
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-verify", action="store_true", help="write the result WITHOUT checking it (not recommended)")
     p.add_argument("--no-rollback", action="store_true", help="fail instead of dropping a rewrite that fails verification")
-    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON ('-': stdout; the summary then goes to stderr)")
     p.add_argument("--in-place", action="store_true", help="allow OUTPUT to be the INPUT file itself")
     p.add_argument("--dry-run", action="store_true", help="optimize and verify, but write no model")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -90,9 +91,34 @@ def default_output(path: str) -> str:
     return root + ".rep.onnx"
 
 
+#: ``-o -`` and ``--report -`` write to standard output.
+STDOUT = "-"
+
+
+def _is_stdout(path: str) -> bool:
+    """``-``, or a path that leads to the file standard output is open on (/dev/stdout, ...)."""
+    if path == STDOUT:
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path; stdout replaced by a non-file
+        return False
+
+
+def _is_null(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+
+
 def _same_file(a: str, b: str) -> bool:
-    """Whether writing ``a`` would clobber ``b`` (symlinks, ``./x`` and ``x``, hard links)."""
-    return modelio.same_file(a, b)
+    """Whether writing ``a`` would clobber ``b`` (symlinks, ``./x`` and ``x``, hard links and
+    stdout spelled two ways all count; several writes to the null device do not)."""
+    if STDOUT in (a, b):
+        return a == b or _is_stdout(a) and _is_stdout(b)
+    return modelio.same_file(a, b) and not _is_null(a)
 
 
 def _check_paths(args, output: str) -> List[str]:
@@ -103,18 +129,26 @@ def _check_paths(args, output: str) -> List[str]:
     in_data = modelio.data_files(args.input)
     report = args.report
     if not args.dry_run:
-        modelio.check_writable(output, external=bool(in_data))
+        if output == STDOUT:
+            if in_data:
+                raise UsageError("-o -: a model with external data needs a regular file, not stdout")
+        else:
+            modelio.check_writable(output, external=bool(in_data))
         if _same_file(args.input, output) and not args.in_place:
             raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
         for data in in_data:
             if _same_file(output, data):
                 raise UsageError(f"{output}: output is a data file of the input {args.input}")
     if report:
-        modelio.check_writable(report)
+        if report != STDOUT:
+            modelio.check_writable(report)
+        if not args.dry_run and _is_stdout(report) and _is_stdout(output):
+            raise UsageError("--report and -o both write to stdout")
         named = [("the input model", args.input)] + [(f"a data file of the input ({d})", d) for d in in_data]
         if not args.dry_run:
             named.append(("the output model", output))
-            named += [(f"a data file of the output {output}", d) for d in modelio.data_files(output)]
+            if output != STDOUT:
+                named += [(f"a data file of the output {output}", d) for d in modelio.data_files(output)]
         for what, path in named:
             if _same_file(report, path):
                 raise UsageError(f"{report}: --report would overwrite {what}")
@@ -159,6 +193,25 @@ def _identity(path: str):
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _write_report(path: str, text: str) -> None:
+    if path != STDOUT:
+        modelio.write_text(path, text)
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise OnnxrepError(f"stdout: cannot write: {os.strerror(exc.errno) if exc.errno else exc}") from exc
+
+
+def _stdout_bytes():
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:
+        raise UsageError("-o -: stdout does not take bytes here")
+    sys.stdout.flush()
+    return stream
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     output = args.output or default_output(args.input)
@@ -167,11 +220,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args, output: str) -> int:
-    targets = [p for p in ([] if args.dry_run else [output]) + [args.report] if p]
+    written: List[str] = []
+    targets = [p for p in ([] if args.dry_run else [output]) + [args.report] if p and p != STDOUT]
     before = {p: _identity(p) for p in targets}
     try:
         shapes = parse_shapes(args.input_shape, args.input)
         in_data = _check_paths(args, output)
+        # A report or model on stdout must stay parseable: the summary goes to stderr then.
+        to_stdout = (args.report and _is_stdout(args.report)) or (not args.dry_run and _is_stdout(output))
+        summary_stream = sys.stderr if to_stdout else sys.stdout
         model, report = optimize(
             args.input,
             input_shapes=shapes,
@@ -187,22 +244,25 @@ def _run(args, output: str) -> int:
         )
         if args.no_verify:
             print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
-        written = False
         if not args.dry_run:
             external = report.external_data or modelio.needs_external_data(model)
-            # Data files that must survive the replacement of the previous output: the
-            # input's (unless it is the file being replaced) and the report.
-            keep = [args.input, *([] if args.in_place else in_data), *([args.report] if args.report else [])]
-            modelio.save(model, output, external, keep=keep)
-            written = True
+            if output == STDOUT:
+                modelio.save(model, _stdout_bytes(), external)
+            else:
+                # Data files that must survive the replacement of the previous output: the
+                # input's (unless it is the file being replaced) and the report.
+                keep = [args.input, *([] if args.in_place else in_data),
+                        *([args.report] if args.report and args.report != STDOUT else [])]
+                modelio.save(model, output, external, keep=keep)
+            written.append(output)
             report.output = output
         if args.report:
             try:
-                modelio.write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
+                _write_report(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
             except OnnxrepError as exc:
                 raise OnnxrepError(f"{exc} (the model was written to {output})" if written else str(exc)) from exc
         if not args.quiet:
-            print(report.summary(verbose=args.verbose))
+            print(report.summary(verbose=args.verbose), file=summary_stream)
         return EXIT_OK
     except VerificationError as exc:
         print(f"onnxrep: error: {exc}", file=sys.stderr)

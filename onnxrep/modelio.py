@@ -12,6 +12,8 @@ The protocol is described in docs/files.md; in short:
   part. A model's data file gets a name of its own (``out.onnx.<8 hex>.data``), is written the
   same way and is renamed into place before the model that refers to it; the data file of the
   model that was replaced is removed last, and only if onnxrep made it (its name says so).
+- Character devices, FIFOs and open descriptors (``/dev/null``, a pipe, ``/dev/stdout``) are
+  written straight through: a rename would replace the device node with a regular file.
 - Any failure or interrupt before the model's rename removes every file this write created and
   leaves the earlier files as they were. OS errors become a one-line :class:`OnnxrepError`.
 """
@@ -25,6 +27,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import tempfile
 from typing import BinaryIO, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
@@ -170,10 +173,31 @@ def same_file(a: str, b: str) -> bool:
 
 class Target(NamedTuple):
     """How a path is written. ``kind``: "file" (temp file + rename; ``path`` is the regular
-    file itself, symlinks resolved)."""
+    file itself, symlinks resolved), "stream" (a character device or FIFO, opened and written
+    through) or "fd" (an alias of an open descriptor such as /dev/stdout: written to ``fd``)."""
 
     kind: str
     path: str
+    fd: int = -1
+
+
+def _fd_alias(path: str) -> Optional[int]:
+    """The descriptor number when ``path`` (or a symlink on the way) is /dev/stdout, /dev/fd/N,
+    /proc/self/fd/N and the like. Writing to the open descriptor keeps what the shell set up
+    (``>>`` appends; a pipe stays a pipe), where reopening the path would truncate."""
+    names = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    fd_dir = re.compile(r"/(?:dev|proc/(?:self|thread-self|%d)(?:/task/\d+)?)/fd/(\d+)" % os.getpid())
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own symlink limit
+        if p in names:
+            return names[p]
+        m = fd_dir.fullmatch(p)
+        if m:
+            return int(m.group(1))
+        if not os.path.islink(p):
+            return None
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return None
 
 
 def _error(path: str, exc: OSError, what: str = "cannot write") -> OnnxrepError:
@@ -183,6 +207,13 @@ def _error(path: str, exc: OSError, what: str = "cannot write") -> OnnxrepError:
 
 def target(path: str) -> Target:
     """How ``path`` would be written, or a one-line OnnxrepError when it cannot be."""
+    fd = _fd_alias(path)
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise _error(path, exc) from None
+        return Target("fd", path, fd)
     real = os.path.realpath(path)  # a symlink is followed: its target is written, the link kept
     try:
         st = os.stat(real)
@@ -192,8 +223,10 @@ def target(path: str) -> Target:
         raise _error(path, exc) from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise OnnxrepError(f"{path}: is a directory")
+    if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        return Target("stream", path)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise OnnxrepError(f"{path}: not a regular file")
+        raise OnnxrepError(f"{path}: not a regular file, character device or FIFO")
     folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise OnnxrepError(f"{path}: folder {folder} does not exist")
@@ -204,6 +237,9 @@ def check_writable(path: str, external: bool = False) -> Target:
     """Refuse early (one-line OnnxrepError) what :func:`save` / :func:`write_text` would
     refuse later, so that a long run does not end in an error that was known at the start."""
     t = target(path)
+    if external and t.kind != "file":
+        raise OnnxrepError(f"{path}: not a regular file; a model with external data needs one "
+                           "(its data file cannot be placed beside a device or FIFO)")
     if t.kind == "file":
         folder = os.path.dirname(t.path)
         if external and os.path.realpath(os.path.dirname(os.path.abspath(path))) != folder:
@@ -279,6 +315,23 @@ def _move_tensors(model: onnx.ModelProto, fd: int, location: str) -> None:
         set_external_data(tensor, location, offset, size)
         tensor.ClearField("raw_data")
         offset += size
+
+
+def _write_through(t: Target, data: bytes) -> None:
+    if t.kind == "fd":
+        for stream in (sys.stdout, sys.stderr):  # what Python buffered goes first
+            try:
+                if stream is not None and stream.fileno() == t.fd:
+                    stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        _write_all(t.fd, data)
+        return
+    fd = os.open(t.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # a FIFO waits for its reader
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _create_new(path: str, mode: int) -> int:
@@ -401,8 +454,8 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], extern
 
     ``external`` (default: when the model is too large for one protobuf) puts tensors of
     1 KiB or more in a data file beside the model, named ``<model file>.<8 hex>.data``.
-    ``path`` is a regular file (replaced atomically) or a binary file object (written
-    through; no external data).
+    ``path`` may be a regular file (replaced atomically), a character device, a FIFO,
+    /dev/stdout and the like, or a binary file object (written through; no external data).
     After the new model is in place, the data file that the replaced model referred to is
     removed if onnxrep made it (its name says so) and it is none of ``keep``.
     ``model`` itself is not changed. Errors are a one-line :class:`OnnxrepError`.
@@ -421,6 +474,12 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], extern
         return None
     path = os.fspath(path)
     t = check_writable(path, external)
+    if t.kind != "file":
+        try:
+            _write_through(t, model.SerializeToString())
+        except OSError as exc:
+            raise _error(path, exc) from exc
+        return None
 
     def payload(location: Optional[str], fd: Optional[int]) -> bytes:
         if location is None:
@@ -437,6 +496,12 @@ def write_text(path: str, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` by the same protocol as :func:`save`."""
     data = text.encode("utf-8")
     t = check_writable(path)
+    if t.kind != "file":
+        try:
+            _write_through(t, data)
+        except OSError as exc:
+            raise _error(path, exc) from exc
+        return
     _replace_file(path, t.path, lambda location, fd: data, False, ())
 
 

@@ -1,6 +1,6 @@
 """File writes (DESIGN 5, docs/files.md): every file onnxrep writes is replaced atomically or
-left as it was; the model and its data file always belong together; colliding paths are
-refused before any work.
+left as it was; the model and its data file always belong together; devices and FIFOs are
+written through; colliding paths are refused before any work.
 
 Subprocess runs (signals, concurrency, stdout) use ``python -m onnxrep`` exactly as a user
 does; the rest runs ``onnxrep.cli.main`` or ``modelio.save`` in-process.
@@ -12,11 +12,13 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -475,6 +477,7 @@ COLLISIONS = {
     "output_is_input_data": (["-o", "in/model.onnx.data"], ["data file of the input"]),
     "output_is_input_data_in_place": (["-o", "in_link/model.onnx.data", "--in-place"], ["data file of the input"]),
     "output_is_input_via_folder_link": (["-o", "in_link/model.onnx"], ["--in-place"]),
+    "both_to_stdout": (["-o", "-", "--report", "-"], ["stdout"]),
 }
 
 
@@ -500,3 +503,148 @@ def test_in_place_through_a_symlinked_folder_is_allowed(tmp_path, monkeypatch):
     rc, _, err = run_main("in/model.onnx", "-o", "in_link/model.onnx", "--in-place", "-q")
     assert rc == 0, err
     assert_consistent(tmp_path / "in" / "model.onnx", block_model(), only_data=False)
+
+
+# --------------------------------------------------------------------------------------
+# 5. Devices, FIFOs, stdout: written through, never replaced
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def null_device(tmp_path) -> Path:
+    """A private /dev/null (same device numbers) that a faulty rename cannot harm the system by
+    replacing. Root only; elsewhere the real /dev/null (which a non-root rename cannot replace)."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        return Path(os.devnull)
+    path = tmp_path / "null"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.stat(os.devnull).st_rdev)
+        with open(path, "wb") as f:
+            f.write(b"x")
+    except OSError as exc:
+        pytest.skip(f"cannot make a character device here: {exc}")
+    return path
+
+
+@pytest.fixture
+def plain_input(tmp_path) -> Path:
+    src = tmp_path / "model.onnx"
+    onnx.save(block_model(), str(src))
+    return src
+
+
+@pytest.mark.parametrize("args", [["-o", "{null}"], ["--report", "{null}", "--dry-run"], ["-o", "{null}", "--report", "{null}"]],
+                         ids=["model", "report", "both"])
+def test_null_device(args, plain_input, null_device, tmp_path):
+    """``-o /dev/null`` checks a model without keeping the result."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = run_main(plain_input, *[a.replace("{null}", str(null_device)) for a in args])
+    assert rc == 0, err
+    assert stat.S_ISCHR(null_device.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "verified" in out
+
+
+def test_symlink_to_a_device_stays_a_symlink(plain_input, null_device, tmp_path):
+    link = tmp_path / "sink"
+    os.symlink(null_device, link)
+    assert run_main(plain_input, "-o", link, "--report", link, "-q")[0] == 0
+    assert link.is_symlink() and stat.S_ISCHR(link.stat().st_mode)
+
+
+def test_symlink_to_a_regular_file_stays_a_symlink(plain_input, tmp_path):
+    (tmp_path / "real.json").write_text("{}")
+    os.symlink("real.json", tmp_path / "link.json")
+    assert run_main(plain_input, "--report", tmp_path / "link.json", "-q")[0] == 0
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "real.json").read_text())["verification"]["ok"] is True
+
+
+def test_external_data_to_a_device_is_refused(external_input, null_device, tmp_path):
+    before = snapshot(tmp_path / "in")
+    rc, out, err = run_main(external_input, "-o", null_device)
+    assert rc == 2
+    assert_one_line(err, str(null_device), "external data")
+    assert snapshot(tmp_path / "in") == before
+
+
+def test_large_model_to_a_device_is_refused(plain_input, null_device, monkeypatch):
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 1024)  # known only after optimizing
+    rc, out, err = run_main(plain_input, "-o", null_device, "--report", plain_input.parent / "r.json")
+    assert rc == 2
+    assert_one_line(err, str(null_device), "external data")
+    assert not (plain_input.parent / "r.json").exists()
+
+
+def _read_fifo(path: Path, into: list) -> threading.Thread:
+    def read():
+        with open(path, "rb") as f:
+            into.append(f.read())
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_fifos_with_readers(plain_input, tmp_path):
+    model_fifo, report_fifo = tmp_path / "model.fifo", tmp_path / "report.fifo"
+    os.mkfifo(model_fifo)
+    os.mkfifo(report_fifo)
+    got_model, got_report = [], []
+    threads = [_read_fifo(model_fifo, got_model), _read_fifo(report_fifo, got_report)]
+    rc, _, err = run_main(plain_input, "-o", model_fifo, "--report", report_fifo, "-q")
+    for t in threads:
+        t.join(timeout=30)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(model_fifo.stat().st_mode) and stat.S_ISFIFO(report_fifo.stat().st_mode)
+    result = onnx.load_from_string(got_model[0])
+    assert ops(result) == {"Conv": 1, "Relu": 1}
+    assert_same_outputs(block_model(), result)
+    assert json.loads(got_report[0])["output"] == str(model_fifo)
+
+
+def test_report_to_stdout_with_dash(plain_input, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_main(plain_input, "--report", "-")
+    assert rc == 0, err
+    assert json.loads(out)["verification"]["ok"] is True  # stdout holds the report only
+    assert "verified" in err  # the summary went to stderr
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("spelling", ["/dev/stdout", "link"])
+def test_report_to_dev_stdout(spelling, plain_input, tmp_path):
+    """/dev/stdout is a symlink to /proc/self/fd/1: written through to the pipe, and neither
+    link replaced. ("link" is a symlink of our own to /dev/stdout.)"""
+    if not os.path.exists("/proc/self/fd/1"):
+        pytest.skip("no /proc/self/fd")
+    os.symlink("/dev/stdout", tmp_path / "link")
+    path = spelling if spelling.startswith("/") else tmp_path / spelling
+    proc = onnxrep_process(plain_input, "-o", tmp_path / "out.onnx", "--report", path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["verification"]["ok"] is True
+    assert b"verified" in err
+    assert (tmp_path / "link").is_symlink() and os.path.islink("/dev/stdout")
+
+
+def test_model_to_stdout(plain_input, tmp_path):
+    proc = onnxrep_process(plain_input, "-o", "-")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert ops(onnx.load_from_string(out)) == {"Conv": 1, "Relu": 1}
+    assert b"verified" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_report_appends_to_stdout_opened_for_append(plain_input, tmp_path):
+    """``onnxrep ... --report /dev/stdout >> log``: the report is added to the log, whose
+    earlier content stays (reopening /dev/stdout would truncate it)."""
+    log = tmp_path / "log"
+    log.write_text("earlier line\n")
+    with open(log, "ab") as f:
+        proc = subprocess.run([sys.executable, "-m", "onnxrep", str(plain_input), "--dry-run", "--report",
+                               "/dev/stdout"], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, rest = log.read_text().split("\n", 1)
+    assert first == "earlier line" and json.loads(rest)["verification"]["ok"] is True
