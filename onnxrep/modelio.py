@@ -257,6 +257,29 @@ def check_writable(path: str, external: bool = False) -> Target:
 # --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An advisory lock on the folder while a model is swapped in, so that onnxrep runs that
+    write the same output one after the other each remove the data file the other replaced.
+    Best effort: without flock (or on a file system that refuses it) the write is still
+    consistent; concurrent runs may then leave an unused data file behind."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def _file_mode(path: str) -> int:
     """The mode a plain open(path, "w") would give: the existing file's, else 0666 minus umask."""
     try:
@@ -405,25 +428,26 @@ def _replace_file(path: str, real: str, payload: Callable[[Optional[str], Option
         finally:
             os.close(fd)
         del blob
-        old = data_files(real)
-        if location is not None:
-            data_path = os.path.join(folder, location)
-            made.append(data_path)
-            try:
-                # Fails (cleanly: the write is abandoned) only if another process took
-                # this random name since it was picked; its file is never replaced.
-                _link_new(data_tmp, data_path)
-            except FileExistsError:
-                made.pop()
-                raise
-        os.replace(model_tmp, real)  # the commit: from here on the new files stay
-        _fsync_folder(folder)
-        for p in old:
-            if (os.path.dirname(p) == folder and _made_by_onnxrep(p, base) and p != data_path
-                    and os.path.isfile(p) and not os.path.islink(p)
-                    and not any(same_file(p, k) for k in keep)):
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
+        with _folder_lock(folder):
+            old = data_files(real)
+            if location is not None:
+                data_path = os.path.join(folder, location)
+                made.append(data_path)
+                try:
+                    # Fails (cleanly: the write is abandoned) only if another process took
+                    # this random name since it was picked; its file is never replaced.
+                    _link_new(data_tmp, data_path)
+                except FileExistsError:
+                    made.pop()
+                    raise
+            os.replace(model_tmp, real)  # the commit: from here on the new files stay
+            _fsync_folder(folder)
+            for p in old:
+                if (os.path.dirname(p) == folder and _made_by_onnxrep(p, base) and p != data_path
+                        and os.path.isfile(p) and not os.path.islink(p)
+                        and not any(same_file(p, k) for k in keep)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(p)
         return data_path
     except OSError as exc:
         raise _error(path, exc, what) from exc

@@ -3,7 +3,8 @@ left as it was; the model and its data file always belong together; devices and 
 written through; colliding paths are refused before any work.
 
 Subprocess runs (signals, concurrency, stdout) use ``python -m onnxrep`` exactly as a user
-does; the rest runs ``onnxrep.cli.main`` or ``modelio.save`` in-process.
+does; the rest runs ``onnxrep.cli.main`` or ``modelio.save`` in-process. Slow repetitions are
+marked ``stress`` and run only with ``pytest -m stress``; a bounded version runs by default.
 """
 
 from __future__ import annotations
@@ -648,3 +649,82 @@ def test_report_appends_to_stdout_opened_for_append(plain_input, tmp_path):
     assert proc.returncode == 0, proc.stderr
     first, rest = log.read_text().split("\n", 1)
     assert first == "earlier line" and json.loads(rest)["verification"]["ok"] is True
+
+
+# --------------------------------------------------------------------------------------
+# 6. Concurrent runs writing the same output: the model and its data stay a pair
+# --------------------------------------------------------------------------------------
+
+
+def _concurrent_rounds(tmp_path: Path, rounds: int) -> None:
+    models = [block_model(c=128, seed=s) for s in (1, 2)]  # 0.6 MB each
+    sources = [save_external(m, tmp_path / f"m{s}.onnx") for s, m in enumerate(models)]
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "out.onnx"
+    for _ in range(rounds):
+        procs = [onnxrep_process(src, "-o", out, "-q") for src in sources]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        written = onnx.load(str(out))
+        matching = [m for m in models if _same_outputs(m, written)]
+        assert len(matching) == 1, "the model is not the result of either run"
+        assert_consistent(out, matching[0])
+
+
+def _same_outputs(reference: onnx.ModelProto, written: onnx.ModelProto) -> bool:
+    try:
+        assert_same_outputs(reference, written)
+        return True
+    except AssertionError:
+        return False
+
+
+def test_concurrent_runs_keep_model_and_data_together(tmp_path):
+    _concurrent_rounds(tmp_path, rounds=5)
+
+
+def test_overlapping_saves_leave_no_unused_data_file(tmp_path, monkeypatch):
+    """Two saves to one path that both read the old model's data reference before either
+    swaps its model in would each remove that old file, and the data file of the model
+    replaced in between would stay behind unused. The folder lock makes the second save
+    read the reference only after the first is done (here: the first waits in vain for the
+    second at the barrier, then goes on alone)."""
+    out = tmp_path / "out.onnx"
+    models = [block_model(seed=s) for s in (1, 2, 3)]
+    modelio.save(models[0], str(out), True)
+    barrier = threading.Barrier(2, timeout=1.0)
+    real = modelio.data_files
+
+    def data_files_then_wait(path):
+        found = real(path)
+        if Path(path) == out:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return found
+
+    monkeypatch.setattr(modelio, "data_files", data_files_then_wait)
+    errors: list = []
+
+    def save(model):
+        try:
+            modelio.save(model, str(out), True)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in models[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    written = onnx.load(str(out))
+    (reference,) = [m for m in models[1:] if _same_outputs(m, written)]
+    assert_consistent(out, reference)
+
+
+@pytest.mark.stress
+def test_concurrent_runs_stress(tmp_path, request):
+    if "stress" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("stress run: pytest -m stress")
+    _concurrent_rounds(tmp_path, rounds=int(os.environ.get("ONNXREP_STRESS_ROUNDS", "40")))
