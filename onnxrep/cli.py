@@ -49,9 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
         help="concrete shape for an input with dynamic dims (repeatable); a dynamic batch axis defaults to 1",
     )
-    p.add_argument("--rtol", type=float, help="verification relative tolerance (default 1e-4; fp16 1e-2)")
-    p.add_argument("--atol", type=float, help="verification absolute tolerance (default 1e-5; fp16 1e-3)")
-    p.add_argument("--verify-draws", type=int, default=3, metavar="N", help="random input draws compared (default 3)")
+    p.add_argument("--rtol", type=float,
+                   help="verification tolerance per output channel, relative to that channel's largest value "
+                   "(default by computation dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2)")
+    p.add_argument("--atol", type=float,
+                   help="absolute error floor replacing the default relative one (float32 1e-6, float16 1e-3 "
+                   "of the tensor's largest value); rarely needed")
+    p.add_argument("--verify-draws", type=int, default=5, metavar="N",
+                   help="random input draws compared: normal, x1e3, zeros, positive, negative (default 5, one of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
     p.add_argument("--only", action="append", default=[], metavar="RULE", help="run only this rule (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="RULE", help="do not run this rule (repeatable)")

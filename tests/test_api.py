@@ -42,3 +42,11 @@ def test_report_prints_as_its_summary():
     text = str(report)
     assert text == report.summary()
     assert "Conv 10 -> 5" in text and "verified" in text and "Report(" not in text
+
+
+def test_save_writes_atomically_and_round_trips(tmp_path):
+    out, _ = onnxrep.optimize(MODEL)
+    target = tmp_path / "m.rep.onnx"
+    assert onnxrep.save(out, target) is None  # no data file for a small model
+    assert onnx.load(str(target)).SerializeToString() == out.SerializeToString()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.rep.onnx"]
