@@ -324,17 +324,6 @@ def conv_macs(p: ConvParams, out_hw: Tuple[int, int]) -> int:
     return int(cout * cin_g * kh * kw * out_hw[0] * out_hw[1])
 
 
-def layer_flops(p: ConvParams, out_hw: Tuple[int, int], pool: bool = False) -> int:
-    """FLOPs of one image, counted as onnxrep.stats counts a model: a conv costs 2 per
-    multiply-add plus 1 per output for a non-zero bias; an AveragePool (``pool``) 1 per tap and
-    output. Rules compare costs with this so that what they accept never shows as growth."""
-    macs = conv_macs(p, out_hw)
-    if pool:
-        return macs
-    outputs = p.out_channels * out_hw[0] * out_hw[1]
-    return 2 * macs + (outputs if np.any(np.asarray(p.bias) != 0) else 0)
-
-
 # --------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------

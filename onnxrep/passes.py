@@ -70,6 +70,9 @@ class Rewrite:
     replaced: Tuple[str, ...]
     created: Tuple[str, ...]
     detail: str = ""
+    #: (before, after) FLOPs of the replaced and the new nodes as the rule predicted them with
+    #: onnxrep.cost, where it did (None: the rule does not weigh cost)
+    flops: Optional[Tuple[int, int]] = None
 
     @property
     def key(self) -> RewriteKey:

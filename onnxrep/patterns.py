@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import Decline
 from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, static_shape
-from .kernels import ConvParams, affine_after_conv, compose_sequential, layer_flops, merge_parallel
+from .cost import layer_output_flops
+from .kernels import ConvParams, affine_after_conv, compose_sequential, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
 #: Ops that join parallel branches by a signed sum.
@@ -185,9 +186,3 @@ def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
         kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
     ho, wo = spatial_hw(out) or (1, 1)
     return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
-
-
-def layer_output_flops(p: ConvParams, out, op: str) -> int:
-    """FLOPs of a Conv/AveragePool producing ``out`` (1x1 output when its size is unknown)."""
-    hw = spatial_hw(out)
-    return layer_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")

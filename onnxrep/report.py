@@ -72,7 +72,8 @@ class Report:
             lines.append(f"  warning: {w}")
         if verbose:
             for r in self.rewrites:
-                lines.append(f"  + {r.rule} at '{r.anchor}': {r.detail} [{len(r.replaced)} nodes -> {len(r.created)}]")
+                cost = f", FLOPs {r.flops[0]} -> {r.flops[1]}" if r.flops else ""
+                lines.append(f"  + {r.rule} at '{r.anchor}': {r.detail} [{len(r.replaced)} nodes -> {len(r.created)}{cost}]")
             for d in self.declines:
                 lines.append(f"  - {d.rule} declined at '{d.node}': {d.reason}")
         return "\n".join(lines)

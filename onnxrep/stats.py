@@ -3,8 +3,8 @@
 FLOPs are counted at the resolved input shapes (batch 1 unless given): 2 per multiply-add for
 Conv, ConvTranspose, Gemm and MatMul (plus one per output element for a bias), one per tap and
 output element for pooling, one per output element for every other compute op
-(BatchNormalization: two). kernels.layer_flops costs rewrites the same way. Shape-only ops (Shape, Reshape,
-Constant, ...) cost nothing. Parameters are the elements of all float initializers and
+(BatchNormalization: two), all by onnxrep.cost, which the rules count with too. Shape-only ops
+(Shape, Reshape, Constant, ...) cost nothing. Parameters are the elements of all float initializers and
 Constant node values.
 """
 
@@ -18,10 +18,8 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-FREE_OPS = {
-    "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Constant", "ConstantOfShape", "Identity",
-    "Cast", "CastLike", "Gather", "Slice", "Concat", "Split", "Transpose", "Expand", "Range", "Size",
-}
+from .cost import node_flops
+
 _KEEP_VALUES = 4096  # initializers this small keep their data for shape inference
 
 
@@ -52,7 +50,7 @@ def model_stats(
     shapes = _shapes(model, input_shapes)
     for name, shape in (known_shapes or {}).items():
         shapes.setdefault(name, shape)
-    flops = sum(_node_flops(node, shapes) for node in graph.node)
+    flops = sum(node_flops(node, shapes) for node in graph.node)
     return ModelStats(len(graph.node), ops.get("Conv", 0), params, int(flops), dict(sorted(ops.items())))
 
 
@@ -100,44 +98,3 @@ def _shapes(model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = [int(d.dim_value) for d in dims]
     return shapes
-
-
-def _numel(shapes, name) -> int:
-    shape = shapes.get(name)
-    return int(np.prod(shape)) if shape is not None else 0
-
-
-def _node_flops(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> int:
-    op = node.op_type
-    if op in FREE_OPS or not node.output:
-        return 0
-    out = _numel(shapes, node.output[0])
-    if op == "Conv" and node.input[1] in shapes:
-        w = shapes[node.input[1]]
-        macs = out * int(np.prod(w[1:]))
-        return 2 * macs + (out if len(node.input) > 2 and node.input[2] else 0)
-    if op == "ConvTranspose" and node.input[1] in shapes:
-        w = shapes[node.input[1]]
-        return 2 * _numel(shapes, node.input[0]) * int(np.prod(w[1:]))
-    if op in ("Gemm", "MatMul") and node.input[0] in shapes and shapes.get(node.output[0]):
-        a = shapes[node.input[0]]
-        k = a[0] if op == "Gemm" and _attr(node, "transA", 0) else a[-1]
-        return 2 * out * int(k) + (out if op == "Gemm" and len(node.input) > 2 and node.input[2] else 0)
-    if op in ("AveragePool", "MaxPool", "LpPool"):
-        return out * int(np.prod(_attr(node, "kernel_shape", [1])))
-    return elementwise_flops(op, out)
-
-
-def elementwise_flops(op: str, outputs: int) -> int:
-    """FLOPs of an op that is neither a layer nor a pool: none for shape and data-movement ops,
-    two per output for BatchNormalization, one per output otherwise."""
-    if op in FREE_OPS:
-        return 0
-    return 2 * outputs if op == "BatchNormalization" else outputs
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default

@@ -34,13 +34,13 @@ from typing import List
 import numpy as np
 
 from ..errors import Decline
-from ..graph import channels_of, is_float_dtype, spatial_hw, static_shape
-from ..kernels import ConvParams, channel_errors, impulse_positions, kernel_from_impulses, layer_flops
+from ..graph import channels_of, is_float_dtype, spatial_hw
+from ..cost import conv_flops, graph_node_flops
+from ..kernels import ConvParams, channel_errors, impulse_positions, kernel_from_impulses
 from ..passes import Context, Match, Rewrite, Rule
 from ..probe import Submodel
 from ..regions import (AFFINE_INPUTS, TensorKinds, affine_node, batch_axis_kept, channel_by_channel, dead_with,
                        expected_flops, grow_region, receptive_field, region_inputs, region_strides)
-from ..stats import elementwise_flops
 
 CHECK_RTOL = 2e-5
 IMPULSE = 1024.0
@@ -124,7 +124,7 @@ class CollapseAffineRegion(Rule):
         strides = region_strides(g, nodes, x, y)
         if strides is None:
             raise Decline(f"{where}: branches with different strides")
-        region_flops = sum(_node_flops(g, n) for n in nodes)
+        region_flops = sum(graph_node_flops(g, n) for n in nodes)
         hw_out = spatial_hw(y)
         expected = expected_flops(g, nodes, x, y, c_in, c_out)
         if expected > region_flops and not ctx.allow_growth:  # decided before any probing
@@ -135,7 +135,7 @@ class CollapseAffineRegion(Rule):
                              channel_by_channel(g, nodes))
         except Decline as exc:
             raise Decline(f"{where}: {exc}") from None
-        fused_flops = layer_flops(fused, hw_out)
+        fused_flops = conv_flops(fused, hw_out)
         if fused_flops > region_flops and not ctx.allow_growth:
             raise Decline(f"{where}: one conv would cost {fused_flops} FLOPs, the region {region_flops}")
         return RegionMatch(anchor, nodes, x, fused, region_flops, fused_flops, dead_with(nodes, y))
@@ -147,8 +147,8 @@ class CollapseAffineRegion(Rule):
         kh, kw = m.fused.kernel_shape
         ops = sorted({n.op for n in m.nodes})
         return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), (new.name,),
-                       f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}, "
-                       f"FLOPs {m.region_flops} -> {m.fused_flops}")
+                       f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}",
+                       flops=(m.region_flops, m.fused_flops))
 
 
 def one_layer_and_constants(nodes, kinds) -> bool:
@@ -251,20 +251,3 @@ def _accept(sub, fused: ConvParams, x, want) -> None:
             c = int(bad[0])
             raise Decline(f"no conv reproduces it (error {err[c]:.2e} in channel {c}, allowed {allowed[c]:.2e}, "
                           "on random input: not affine or not translation-equivariant)")
-
-
-def _node_flops(g, node) -> int:
-    """FLOPs of one region node, counted as onnxrep.stats counts them."""
-    if node.op in ("Conv", "AveragePool"):
-        p = g.read_linear(node)
-        hw = spatial_hw(node.outputs[0])
-        if hw is None:  # a conv made by an earlier rewrite: its output size follows from its input's
-            hw_in = spatial_hw(node.inputs[0])
-            if hw_in is None:
-                raise Decline(f"'{node.name}' has an output of unknown size")
-            hw = p.output_size(*hw_in)
-        return layer_flops(p, hw, pool=node.op == "AveragePool")
-    shape = static_shape(node.outputs[0])
-    if shape and all(isinstance(d, int) for d in shape[1:]):
-        return elementwise_flops(node.op, int(np.prod(shape[1:])))
-    return 0

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import Decline
 from ..graph import producer, spatial_hw, static_shape
-from ..kernels import ConvParams, layer_flops, pad_into_conv
+from ..cost import conv_flops
+from ..kernels import ConvParams, pad_into_conv
 from ..passes import Context, Match, Rewrite, Rule
 from ..patterns import LINEAR, judge_composition
 
@@ -109,6 +110,6 @@ def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams) -
         raise Decline("the border does not lead straight to a conv")
     p2 = g.read_linear(nxt)
     pad_flops = int(np.prod(static_shape(pad.outputs[0])[1:])) if spatial_hw(pad.outputs[0]) else 0
-    before = (layer_flops(p, spatial_hw(conv.outputs[0]) or (1, 1)) + pad_flops
-              + layer_flops(p2, spatial_hw(nxt.outputs[0]) or (1, 1), pool=nxt.op == "AveragePool"))
+    before = (conv_flops(p, spatial_hw(conv.outputs[0]) or (1, 1)) + pad_flops
+              + conv_flops(p2, spatial_hw(nxt.outputs[0]) or (1, 1), pool=nxt.op == "AveragePool"))
     judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)

@@ -26,8 +26,11 @@ the fusion needs a negative pad, when the union window would grow the largest ke
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import numpy as np
+
+from ..cost import conv_flops, elementwise_flops, graph_node_flops
 from ..errors import Decline
 from ..graph import const_value, per_channel, spatial_hw, static_shape
 from ..kernels import ConvParams, diagonal_conv, merge_parallel
@@ -49,6 +52,7 @@ class AddMatch(Match):
     adds: List[object]  # the join nodes: Add, Sub, Sum
     merges: List[Merge]
     rest: List[tuple]  # (tensor, sign) added (+1) or subtracted (-1) unchanged
+    flops: Optional[tuple] = None  # (before, after) when every size is known
 
     @property
     def removes(self):
@@ -108,6 +112,7 @@ class MergeParallelAdd(Rule):
         reason = g.escapes(m.removes, keep=[out])
         if reason:
             raise Decline(f"branch output escapes: {reason}")
+        m.flops = _predicted_flops(g, m, out)
         return m
 
     def rewrite(self, ctx: Context, m: AddMatch) -> Rewrite:
@@ -130,7 +135,22 @@ class MergeParallelAdd(Rule):
             "+".join(leaf.kind for leaf in mg.leaves) + f" -> conv{mg.params.kernel_shape[0]}x{mg.params.kernel_shape[1]}"
             for mg in m.merges
         )
-        return Rewrite(self.name, m.root.name, tuple(replaced), tuple(created), detail)
+        return Rewrite(self.name, m.root.name, tuple(replaced), tuple(created), detail, flops=m.flops)
+
+
+def _predicted_flops(g, m: AddMatch, out) -> Optional[tuple]:
+    """(before, after) FLOPs with onnxrep.cost, or None when a size is not static."""
+    hw, shape = spatial_hw(out), static_shape(out)
+    if hw is None or shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    try:
+        before = sum(graph_node_flops(g, n) for n in m.removes)
+    except Decline:
+        return None
+    outputs = int(np.prod(shape[1:]))
+    terms = len(m.merges) + len(m.rest)
+    after = sum(conv_flops(mg.params, hw) for mg in m.merges) + (terms - 1) * elementwise_flops("Add", outputs)
+    return before, after
 
 
 def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:

@@ -14,7 +14,7 @@ After:   x -> Conv (W, b) -> y
 * AveragePool is the depthwise conv with taps 1/k^2 (exact with zero pads or
   count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (docs/rules.md §6, §7)
 
-Cost (FLOPs as onnxrep.stats counts them, kernels.layer_flops): composing a 1x1 with a
+Cost (FLOPs as onnxrep.stats counts them, onnxrep.cost): composing a 1x1 with a
 depthwise KxK (BSConv-U) or two 1x1s through a thin middle (BSConv-S) multiplies FLOPs. Such a composition is declined unless ``allow_growth``, or unless
 the result is absorbed: it feeds (through per-channel affine ops) an Add whose other branch on
 the same input already reads a window that covers it, so merge_parallel_add makes it free.
@@ -28,7 +28,8 @@ from ..errors import Decline
 from ..graph import producer
 from ..kernels import ConvParams
 from ..passes import Context, Match, Rewrite, Rule
-from ..patterns import LINEAR, judge_composition, layer_output_flops
+from ..cost import layer_output_flops
+from ..patterns import LINEAR, judge_composition
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SequentialMatch(Match):
     note: str
     x: object
     y: object
+    flops: tuple  # (before, after) predicted with onnxrep.cost
 
     @property
     def removes(self):
@@ -69,10 +71,12 @@ class ComposeSequentialConvs(Rule):
         except Decline as exc:
             raise Decline(f"'{first.name}' -> '{node.name}': {exc}") from None
         conv = first if first.op == "Conv" else node
-        return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note, first.inputs[0], node.outputs[0])
+        after = layer_output_flops(fused, node.outputs[0], "Conv")
+        return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note, first.inputs[0], node.outputs[0],
+                               (before, after))
 
     def rewrite(self, ctx: Context, m: SequentialMatch) -> Rewrite:
         new = ctx.graph.write_conv(m.second.name, m.fused, m.x, m.y, m.dtype)
         kh, kw = m.fused.kernel_shape
         return Rewrite(self.name, m.second.name, (m.first.name, m.second.name), (new.name,),
-                       f"{m.first.op} -> {m.second.op} = conv{kh}x{kw}{m.note}")
+                       f"{m.first.op} -> {m.second.op} = conv{kh}x{kw}{m.note}", flops=m.flops)

@@ -1,0 +1,103 @@
+"""One cost model for the whole product: the rules' growth checks and the report's statistics
+(onnxrep/stats.py) count with these functions, so that a rewrite a rule accepts as "not more
+expensive" never shows as growth in the report (tests/test_cost.py holds the two together).
+
+FLOPs are of one image at the resolved input shapes: 2 per multiply-add for Conv,
+ConvTranspose, Gemm and MatMul plus 1 per output element for a bias; 1 per tap and output
+element for pooling; 2 per output element for BatchNormalization; 1 per output element for any
+other compute op; nothing for shape and data-movement ops.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import onnx
+
+from .errors import Decline
+from .graph import spatial_hw, static_shape
+from .kernels import ConvParams, conv_macs
+
+FREE_OPS = {
+    "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Constant", "ConstantOfShape", "Identity",
+    "Cast", "CastLike", "Gather", "Slice", "Concat", "Split", "Transpose", "Expand", "Range", "Size",
+}
+
+
+def conv_flops(p: ConvParams, out_hw: Tuple[int, int], pool: bool = False) -> int:
+    """A Conv (or, ``pool``, an AveragePool) producing ``out_hw``: 2 per multiply-add plus 1 per
+    output for a non-zero bias; a pool 1 per tap and output."""
+    macs = conv_macs(p, out_hw)
+    if pool:
+        return macs
+    outputs = p.out_channels * out_hw[0] * out_hw[1]
+    return 2 * macs + (outputs if np.any(np.asarray(p.bias) != 0) else 0)
+
+
+def elementwise_flops(op: str, outputs: int) -> int:
+    """An op that is neither a layer nor a pool: nothing for shape and data-movement ops, two
+    per output for BatchNormalization, one per output otherwise."""
+    if op in FREE_OPS:
+        return 0
+    return 2 * outputs if op == "BatchNormalization" else outputs
+
+
+def layer_output_flops(p: ConvParams, out, op: str) -> int:
+    """A Conv/AveragePool producing the graph tensor ``out`` (1x1 output when its size is unknown)."""
+    hw = spatial_hw(out)
+    return conv_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")
+
+
+def graph_node_flops(g, node) -> int:
+    """FLOPs of one node of a RepGraph, counted as :func:`node_flops` counts it in a model.
+
+    A Conv made by an earlier rewrite carries no output shape: its size follows from its
+    input's. Declines when a layer's output size cannot be known."""
+    if node.op in ("Conv", "AveragePool"):
+        p = g.read_linear(node)
+        hw = spatial_hw(node.outputs[0])
+        if hw is None:
+            hw_in = spatial_hw(node.inputs[0])
+            if hw_in is None:
+                raise Decline(f"'{node.name}' has an output of unknown size")
+            hw = p.output_size(*hw_in)
+        return conv_flops(p, hw, pool=node.op == "AveragePool")
+    shape = static_shape(node.outputs[0])
+    if shape and all(isinstance(d, int) for d in shape[1:]):
+        return elementwise_flops(node.op, int(np.prod(shape[1:])))
+    return 0
+
+
+def _numel(shapes, name) -> int:
+    shape = shapes.get(name)
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def node_flops(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> int:
+    """FLOPs of one node of a ModelProto, with tensor shapes from ``shapes``."""
+    op = node.op_type
+    if op in FREE_OPS or not node.output:
+        return 0
+    out = _numel(shapes, node.output[0])
+    if op == "Conv" and node.input[1] in shapes:
+        w = shapes[node.input[1]]
+        macs = out * int(np.prod(w[1:]))
+        return 2 * macs + (out if len(node.input) > 2 and node.input[2] else 0)
+    if op == "ConvTranspose" and node.input[1] in shapes:
+        w = shapes[node.input[1]]
+        return 2 * _numel(shapes, node.input[0]) * int(np.prod(w[1:]))
+    if op in ("Gemm", "MatMul") and node.input[0] in shapes and shapes.get(node.output[0]):
+        a = shapes[node.input[0]]
+        k = a[0] if op == "Gemm" and _attr(node, "transA", 0) else a[-1]
+        return 2 * out * int(k) + (out if op == "Gemm" and len(node.input) > 2 and node.input[2] else 0)
+    if op in ("AveragePool", "MaxPool", "LpPool"):
+        return out * int(np.prod(_attr(node, "kernel_shape", [1])))
+    return elementwise_flops(op, out)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
