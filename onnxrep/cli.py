@@ -15,7 +15,9 @@ import traceback
 from typing import Dict, List, Optional
 
 
-from . import __version__, modelio
+import onnxruntime as ort
+
+from . import __version__, modelio, runtime
 from .core import optimize
 from .errors import OnnxrepError, UsageError, VerificationError
 from .rules import DEFAULT_RULES
@@ -146,6 +148,9 @@ def _write_text(path: str, text: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # onnxrep's own sessions are silent (modelio.session); onnx-graphsurgeon's constant folding
+    # builds its sessions with default options, which follow this process-wide logger.
+    ort.set_default_logger_severity(runtime.QUIET)
     output = args.output or default_output(args.input)
     try:
         shapes = parse_shapes(args.input_shape, args.input)

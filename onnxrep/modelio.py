@@ -14,6 +14,8 @@ from typing import Callable
 import onnx
 import onnxruntime as ort
 
+from . import runtime
+
 #: Above this many bytes of tensor data a model is written and run with external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
@@ -49,14 +51,19 @@ def save(model: onnx.ModelProto, path: str, external: bool, location: str) -> No
 
 
 def session(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model of any size."""
+    """An onnxruntime CPU session for a model of any size.
+
+    Silent whatever ``options`` say (their log severity is set to fatal-only): onnxruntime's
+    errors reach the caller as exceptions reduced to one readable line, at creation and from
+    ``run`` alike (see :mod:`onnxrep.runtime`).
+    """
     providers = ["CPUExecutionProvider"]
     if not needs_external_data(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return runtime.open_session(model.SerializeToString(), options, providers)
     with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         save(model, path, True, "model.onnx.data")
-        return ort.InferenceSession(path, options, providers=providers)
+        return runtime.open_session(path, options, providers)
 
 
 def write_model(model: onnx.ModelProto, path: str, atomic_write: Callable, external: bool) -> None:
