@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from . import __version__, modelio, runtime
 from .core import optimize
-from .errors import OnnxrepError, UsageError, VerificationError
+from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .rules import DEFAULT_RULES
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -146,6 +146,12 @@ def _write_text(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
+def _line(text: str) -> str:
+    """``text`` as one printable line: line breaks and other control characters in names a
+    model chose are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     # onnxrep's own sessions are silent (modelio.session); onnx-graphsurgeon's constant folding
@@ -180,20 +186,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(report.summary(verbose=args.verbose))
         return EXIT_OK
     except VerificationError as exc:
-        print(f"onnxrep: error: {exc}", file=sys.stderr)
+        print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
         return EXIT_VERIFY
     except OnnxrepError as exc:
-        print(f"onnxrep: error: {exc}", file=sys.stderr)
+        print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("onnxrep: interrupted; nothing written", file=sys.stderr)
         return 130
+    except MemoryError as exc:  # sizes a model declares (absurd dims) are the usual cause
+        print(_line(f"onnxrep: error: {args.input}: out of memory ({first_line(exc)}); nothing written"), file=sys.stderr)
+        return EXIT_INPUT
     except Exception as exc:  # a bug: still one line, traceback only with -v
         if args.verbose:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"onnxrep: internal error on {args.input}: {type(exc).__name__}: {first} (nothing written; -v shows the traceback)",
-              file=sys.stderr)
+        print(_line(f"onnxrep: internal error on {args.input}: {type(exc).__name__}: {first_line(exc)} "
+                    "(nothing written; -v shows the traceback)"), file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -1,7 +1,10 @@
-"""onnxruntime kept quiet (DESIGN 5: errors are one line).
+"""What onnxrep accepts as input (DESIGN 5, "Bad input"), and onnxruntime kept quiet.
 
 1. onnxruntime prints nothing: no warnings on success, no log lines before an error, and
    its error messages are reduced to their meaning.
+2. Malformed models get one line naming the file and the node (exit 2), never a traceback
+   from onnx-graphsurgeon or onnxruntime; models onnxruntime runs are not refused for being
+   untidy (nodes out of order, outputs without a declared shape, stale value_info).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from helpers import GraphBuilder
+from helpers import GraphBuilder, assert_same_outputs, ops
 
+import onnxrep
 from onnxrep import cli, modelio, runtime
+from onnxrep.errors import OnnxrepError
+from onnxrep.normalize import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -134,3 +140,195 @@ ORT_MESSAGES = {
 @pytest.mark.parametrize("raw, expected", ORT_MESSAGES.items(), ids=["run", "init", "plain", "other"])
 def test_onnxruntime_message_is_reduced_to_its_meaning(raw, expected):
     assert runtime.message(RuntimeError(raw)) == expected
+
+
+# --------------------------------------------------------------------------------------
+# 2. Malformed models
+# --------------------------------------------------------------------------------------
+
+
+def block_model() -> onnx.ModelProto:
+    """A RepVGG-style block: two conv+BN branches and a BN identity, summed."""
+    b = GraphBuilder([1, 4, 8, 8])
+    y = b.add(b.bn(b.conv(b.x, 4, 4, k=3, bias=False), 4), b.bn(b.conv(b.x, 4, 4, k=1, bias=False), 4), b.bn(b.x, 4))
+    return b.build(b.node("Relu", [y]), output_shape=[1, 4, 8, 8])
+
+
+def errors_for(model: onnx.ModelProto) -> str:
+    with pytest.raises(OnnxrepError) as info:
+        validate(model, "m.onnx")
+    return str(info.value)
+
+
+def mutate_dangling_input(m):
+    m.graph.node[1].input[0] = "nowhere"
+
+
+def mutate_duplicate_output(m):
+    m.graph.node[1].output[0] = m.graph.node[0].output[0]
+
+
+def mutate_cycle(m):
+    m.graph.node[0].input[0] = m.graph.node[-1].output[0]
+
+
+def mutate_unknown_elem_type(m):
+    m.graph.input[0].type.tensor_type.elem_type = 99
+
+
+def mutate_initializer_length(m):
+    t = m.graph.initializer[0]
+    t.raw_data = t.raw_data[:-4]
+
+
+def mutate_initializer_extra_data(m):
+    t = m.graph.initializer[0]
+    t.raw_data = t.raw_data + b"\0\0\0\0"
+
+
+def mutate_initializer_type(m):
+    m.graph.initializer[0].data_type = 12345
+
+
+def mutate_duplicate_initializer(m):
+    m.graph.initializer.add().CopyFrom(m.graph.initializer[0])
+
+
+def mutate_negative_dim(m):
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -8
+
+
+def mutate_empty_list_attribute(m):
+    conv = m.graph.node[0]
+    for a in conv.attribute:
+        if a.name == "dilations":
+            del a.ints[:]
+
+
+def mutate_attribute_bytes(m):
+    conv = m.graph.node[0]
+    for a in list(conv.attribute):
+        if a.name == "strides":
+            conv.attribute.remove(a)
+    conv.attribute.append(helper.make_attribute("auto_pad", b"\xffNOTSET"))
+
+
+def mutate_schema(m):
+    m.graph.node[0].attribute.append(helper.make_attribute("frobnication", 3))
+
+
+def _set_attribute(node, name, value):
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def mutate_conv_group_zero(m):
+    _set_attribute(m.graph.node[0], "group", 0)
+
+
+def mutate_conv_kernel_shape(m):
+    _set_attribute(m.graph.node[0], "kernel_shape", [5, 5])
+
+
+def mutate_conv_bias_shape(m):
+    conv = m.graph.node[0]
+    conv.input.append(conv.input[1])  # the weight as bias: 144 values where 4 are needed
+
+
+def mutate_huge_input(m):
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 1 << 40
+
+
+MALFORMED = {
+    # mutation: text the message must contain (besides the file)
+    "dangling_input": (mutate_dangling_input, "input 'nowhere' is not produced", "node 'BatchNormalization_"),
+    "duplicate_output": (mutate_duplicate_output, "one producer", "node 'Conv_"),
+    "cycle": (mutate_cycle, "cycle", "node '"),
+    "unknown_elem_type": (mutate_unknown_elem_type, "element type 99", "'x'"),
+    "initializer_length": (mutate_initializer_length, "572 bytes", "initializer 'w_"),
+    "initializer_extra_data": (mutate_initializer_extra_data, "raw data has 580 bytes", "need 576", "'w_"),
+    "initializer_type": (mutate_initializer_type, "element type 12345", "initializer 'w_"),
+    "duplicate_initializer": (mutate_duplicate_initializer, "declared twice", "'w_"),
+    "negative_dim": (mutate_negative_dim, "negative size -8 at axis 2", "'x'"),
+    "empty_list_attribute": (mutate_empty_list_attribute, "'dilations' is an empty list", "node 'Conv_"),
+    "attribute_bytes": (mutate_attribute_bytes, "'auto_pad'", "binary", "node 'Conv_"),
+    "schema": (mutate_schema, "frobnication", "node 'Conv_"),
+    "huge_input": (mutate_huge_input, "input 'x'", "elements"),
+    "conv_group_zero": (mutate_conv_group_zero, "group is 0", "node 'Conv_"),
+    "conv_kernel_shape": (mutate_conv_kernel_shape, "kernel_shape [5, 5] does not match weight 'w_", "node 'Conv_"),
+    "conv_bias_shape": (mutate_conv_bias_shape, "bias 'w_0' has shape [4, 4, 3, 3]; weight 'w_0' needs [4]", "node 'Conv_"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_model_is_one_line(case, tmp_path):
+    mutate, *needles = case
+    model = block_model()
+    mutate(model)
+    path = save(model, tmp_path / "bad.onnx")
+    assert_one_line(*run_cli(path, "-q"), str(path), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_name_that_is_not_utf8(tmp_path):
+    data = block_model().SerializeToString()
+    name = b"Relu_"
+    i = data.index(name)
+    data = data[:i] + b"\xff" + data[i + 1 :]  # same length: still parses
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data)
+    rc, out, err = run_cli(path)
+    assert_one_line(rc, out, err, str(path), "not UTF-8 text", "\\xffelu_")
+
+
+def test_validate_names_nodes_inside_subgraphs():
+    model = block_model()
+    def body(source):  # a subgraph may read the outer graph's tensors ('x'), not unknown ones
+        return helper.make_graph([helper.make_node("Relu", [source], ["r"], name="inner")], "body", [],
+                                 [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["unused"], name="branch", then_branch=body("ghost"),
+                                             else_branch=body("x")))
+    assert "node 'branch' (If) > then_branch > node 'inner' (Relu): input 'ghost'" in errors_for(model)
+
+
+UNTIDY = {
+    # onnxruntime runs these, and onnxrep rewrote them before it had input checks
+    "nodes_out_of_order": lambda m: m.graph.node.reverse(),
+    "output_without_shape": lambda m: m.graph.output[0].type.tensor_type.ClearField("shape"),
+    "stale_value_info": lambda m: m.graph.value_info.append(
+        helper.make_tensor_value_info(m.graph.node[0].output[0], TensorProto.FLOAT, [1, 2, 3])),
+    "initializer_listed_as_input": lambda m: m.graph.input.append(
+        helper.make_tensor_value_info(m.graph.initializer[0].name, TensorProto.FLOAT, list(m.graph.initializer[0].dims))),
+}
+
+
+@pytest.mark.parametrize("mutate", UNTIDY.values(), ids=UNTIDY.keys())
+def test_untidy_but_runnable_model_is_rewritten(mutate):
+    model = block_model()
+    mutate(model)
+    out, report = onnxrep.optimize(model)
+    assert report.verification.ok
+    assert ops(out)["Conv"] == 1
+    assert_same_outputs(block_model(), out)
+
+
+def test_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch):
+    # a model whose declared sizes exhaust memory somewhere onnxrep did not foresee
+    def boom(*args, **kwargs):
+        raise MemoryError("Unable to allocate 768. GiB for an array with shape (1, 3, 16, 2147483648)")
+
+    monkeypatch.setattr(cli, "optimize", boom)
+    path = save(block_model(), tmp_path / "m.onnx")
+    assert_one_line(*run_cli(path), str(path), "out of memory", "768. GiB")
+
+
+def test_message_with_a_line_break_in_a_name_stays_one_line(tmp_path):
+    model = block_model()
+    model.graph.node[0].name = "two\nlines"
+    model.graph.node[0].input[1] = "nowhere"
+    path = save(model, tmp_path / "m.onnx")
+    assert_one_line(*run_cli(path), "node 'two\\nlines'")
