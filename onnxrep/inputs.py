@@ -139,6 +139,30 @@ def _type_name(elem_type: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def check_ops(model: onnx.ModelProto, label: str, opset: int) -> None:
+    """Every default-domain op exists at the model's opset (exporters can leave framework ops,
+    such as tf2onnx's ``StatefulPartitionedCall``, unconverted in the default domain)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    for where, i, node in _all_nodes(model.graph):
+        if node.domain not in _DEFAULT_DOMAINS or (node.domain, node.op_type) in local:
+            continue
+        op = node.op_type
+        if not op:
+            raise OnnxrepError(f"{label}: {where}{node_label(node, i)}: node has no op_type")
+        if not onnx.defs.has(op):
+            raise OnnxrepError(
+                f"{label}: {where}{node_label(node, i)}: '{op}' is not an ONNX operator (at opset {opset} or any "
+                "other); the exporter left it unconverted"
+            )
+        try:
+            onnx.defs.get_schema(op, opset, "")
+        except onnx.defs.SchemaError:
+            since = min(s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and not s.domain)
+            raise OnnxrepError(
+                f"{label}: {where}{node_label(node, i)}: '{op}' exists from opset {since} on; the model imports opset {opset}"
+            ) from None
+
+
 def check_attributes(model: onnx.ModelProto, label: str) -> None:
     """Attributes onnx-graphsurgeon can carry: string values that are UTF-8 text, lists that
     are not empty (an empty list cannot be written back without its type)."""
@@ -533,6 +557,7 @@ def check_input_sizes(model: onnx.ModelProto, label: str) -> None:
 def check_model(model: onnx.ModelProto, label: str, opset: int) -> None:
     """Everything above, cheapest and most specific first (text before anything prints a name)."""
     check_model_header(model, label)
+    check_ops(model, label, opset)
     check_attributes(model, label)
     check_tensors(model, label)
     check_graph(model.graph, label)

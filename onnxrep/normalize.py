@@ -70,7 +70,7 @@ def validate(model: onnx.ModelProto, label: str) -> None:
 
     Besides the checks here, :func:`onnxrep.inputs.check_model` rejects what onnx-graphsurgeon,
     onnxruntime or the rules would choke on (invalid text, types or tensor data, dangling or
-    duplicated tensors, cycles, schema violations).
+    duplicated tensors, cycles, ops unknown at the model's opset, schema violations).
     """
     inputs.check_text(model, label)
     opset = default_opset(model)

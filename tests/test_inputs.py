@@ -5,6 +5,8 @@
 2. Malformed models get one line naming the file and the node (exit 2), never a traceback
    from onnx-graphsurgeon or onnxruntime; models onnxruntime runs are not refused for being
    untidy (nodes out of order, outputs without a declared shape, stale value_info).
+3. Exporter leftovers: an unconverted framework op in the default domain, with binary
+   attributes, is named with its op.
 """
 
 from __future__ import annotations
@@ -332,3 +334,36 @@ def test_message_with_a_line_break_in_a_name_stays_one_line(tmp_path):
     model.graph.node[0].input[1] = "nowhere"
     path = save(model, tmp_path / "m.onnx")
     assert_one_line(*run_cli(path), "node 'two\\nlines'")
+
+
+# --------------------------------------------------------------------------------------
+# 3. Exporter leftovers
+# --------------------------------------------------------------------------------------
+
+
+def tf2onnx_leftover() -> onnx.ModelProto:
+    """tf2onnx output with an unconverted TF op left in the default domain."""
+    b = GraphBuilder([1, 4, 8, 8])
+    y = b.conv(b.x, 4, 4)
+    call = helper.make_node("StatefulPartitionedCall", [y], ["z"], name="model/head/StatefulPartitionedCall",
+                            config_proto=b"\x08\xff\xfe", f="__inference_head_123")
+    b.nodes.append(call)
+    graph = helper.make_graph(b.nodes, "tf", b.inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], producer_name="tf2onnx")
+    model.ir_version = 8
+    return model
+
+
+def test_unconverted_tf_op_is_named(tmp_path):
+    path = save(tf2onnx_leftover(), tmp_path / "tf.onnx")
+    rc, out, err = run_cli(path, "-q")
+    assert_one_line(rc, out, err, str(path), "node 'model/head/StatefulPartitionedCall'",
+                    "'StatefulPartitionedCall' is not an ONNX operator", "opset 15")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tf.onnx"]
+
+
+def test_op_newer_than_the_model_opset_is_named():
+    b = GraphBuilder([1, 4, 8, 8])
+    model = b.build(b.node("Gelu", [b.conv(b.x, 4, 4)]), opset=20)
+    model.opset_import[0].version = 17
+    assert "'Gelu' exists from opset 20 on; the model imports opset 17" in errors_for(model)
