@@ -12,6 +12,9 @@ The checks are onnx's own, applied per part (``onnx.checker.check_node`` / ``che
 written here. ``onnx.checker.check_model`` is not applied to the whole model because it also
 rejects models onnxruntime runs and onnxrep rewrites correctly: graph outputs declared without a
 shape, nodes stored out of topological order, stale declared shapes of intermediate tensors.
+
+Repair: sparse initializers become ordinary (dense) initializers, because onnx-graphsurgeon and
+the rules read dense tensors only. :func:`densify` says what it did, so the caller can report it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from .errors import OnnxrepError, first_line
 
@@ -565,3 +568,51 @@ def check_model(model: onnx.ModelProto, label: str, opset: int) -> None:
     check_convs(model, label)
     check_inference(model, label)
     check_input_sizes(model, label)
+
+
+# --------------------------------------------------------------------------------------
+# Repairs
+# --------------------------------------------------------------------------------------
+
+
+def dense_tensor(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """The dense TensorProto a SparseTensorProto stands for (same name and element type)."""
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = [int(d) for d in sparse.dims]
+    dense = np.zeros(dims, dtype=values.dtype)
+    if indices.size:
+        if indices.ndim == 1:  # linearized indices
+            dense.reshape(-1)[indices] = values
+        else:  # [NNZ, rank] coordinates
+            dense[tuple(indices.T)] = values
+    return numpy_helper.from_array(dense, sparse.values.name)
+
+
+def densify(model: onnx.ModelProto, label: str, in_place: bool = False) -> Tuple[onnx.ModelProto, Optional[str]]:
+    """The model with its top-level sparse initializers turned into ordinary initializers.
+
+    Returns (model, warning): the same object and None when there was nothing to do, else the
+    model (``model`` itself with ``in_place``, a copy otherwise) and a sentence saying what was
+    changed.
+    """
+    sparse = list(model.graph.sparse_initializer)
+    if not sparse:
+        return model, None
+    ctx = _checker_context(model)
+    dense = []
+    for s in sparse:
+        what = f"sparse initializer '{show(s.values.name)}'"
+        try:
+            onnx.checker.check_sparse_tensor(s, ctx)
+            dense.append(dense_tensor(s))
+        except Exception as exc:
+            raise OnnxrepError(f"{label}: {what}: {first_line(exc)}") from None
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    del out.graph.sparse_initializer[:]
+    out.graph.initializer.extend(dense)
+    names = ", ".join(f"'{t.name}'" for t in dense[:3]) + (", ..." if len(dense) > 3 else "")
+    return out, f"{len(dense)} sparse initializer(s) ({names}) were stored as dense initializers"

@@ -38,10 +38,12 @@ MIN_OPSET = 7
 log = logging.getLogger("onnxrep")
 
 
-def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
+def load_model(path: str, warnings: Optional[List[str]] = None) -> Tuple[onnx.ModelProto, bool]:
     """Read an ONNX file, external data included, with a one-line error for anything else.
 
-    Returns the model and whether its tensors were stored as external data.
+    Returns the model and whether its tensors were stored as external data. Sparse
+    initializers are made dense (onnx-graphsurgeon and the rules read dense tensors only); a
+    sentence saying so is appended to ``warnings`` when given, for the caller's report.
     """
     if not os.path.exists(path):
         raise OnnxrepError(f"{path}: no such file")
@@ -62,6 +64,9 @@ def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as exc:
             raise OnnxrepError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    model, note = inputs.densify(model, path, in_place=True)
+    if note and warnings is not None:
+        warnings.append(note)
     return model, external
 
 
@@ -98,6 +103,7 @@ def default_opset(model: onnx.ModelProto) -> Optional[int]:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes."""
+    model, _ = inputs.densify(model, "<model>")  # a ModelProto given to optimize() is never modified
     graph = gs.import_onnx(model)
     infer_shapes(graph)
     used = {n.name for n in graph.nodes if n.name}

@@ -7,6 +7,7 @@
    untidy (nodes out of order, outputs without a declared shape, stale value_info).
 3. Exporter leftovers: an unconverted framework op in the default domain, with binary
    attributes, is named with its op.
+4. Sparse initializers are densified on load, and the result is verified.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import onnx
@@ -28,7 +30,7 @@ from helpers import GraphBuilder, assert_same_outputs, ops
 import onnxrep
 from onnxrep import cli, modelio, runtime
 from onnxrep.errors import OnnxrepError
-from onnxrep.normalize import validate
+from onnxrep.normalize import load_model, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -367,3 +369,65 @@ def test_op_newer_than_the_model_opset_is_named():
     model = b.build(b.node("Gelu", [b.conv(b.x, 4, 4)]), opset=20)
     model.opset_import[0].version = 17
     assert "'Gelu' exists from opset 20 on; the model imports opset 17" in errors_for(model)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Sparse initializers
+# --------------------------------------------------------------------------------------
+
+
+def sparse_block() -> onnx.ModelProto:
+    """block_model() with its conv weights stored as sparse initializers (the 1x1 with
+    linearized indices, the 3x3 with coordinates, some taps zero)."""
+    model = block_model()
+    for t in list(model.graph.initializer):
+        if len(t.dims) != 4:
+            continue
+        w = numpy_helper.to_array(t).copy()
+        w[:, :, 0, 0] = 0
+        nz = np.argwhere(w != 0)
+        if t.dims[2] == 1:
+            indices = np.ravel_multi_index(nz.T, w.shape).astype(np.int64)
+        else:
+            indices = nz.astype(np.int64)
+        values = numpy_helper.from_array(w[tuple(nz.T)], t.name)
+        sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(indices, t.name + "_indices"), list(w.shape))
+        model.graph.initializer.remove(t)
+        model.graph.sparse_initializer.append(sparse)
+    return model
+
+
+def test_sparse_initializers_are_densified_verified_and_correct(tmp_path):
+    model = sparse_block()
+    assert len(model.graph.sparse_initializer) == 2
+    path = save(model, tmp_path / "sparse.onnx")
+    out = tmp_path / "out.onnx"
+    rc, stdout, err = run_cli(path, "-o", out)
+    assert rc == 0, err
+    assert "verified" in stdout
+    result = onnx.load(out)
+    assert not result.graph.sparse_initializer
+    assert ops(result)["Conv"] == 1
+    assert_same_outputs(model, result)  # onnxruntime runs the sparse original as it is
+
+    warnings: List[str] = []
+    loaded, _ = load_model(str(path), warnings)
+    assert not loaded.graph.sparse_initializer and len(warnings) == 1
+    assert "2 sparse initializer(s)" in warnings[0] and "dense" in warnings[0]
+
+
+def test_sparse_model_given_as_proto_is_not_modified():
+    model = sparse_block()
+    before = model.SerializeToString()
+    out, report = onnxrep.optimize(model)
+    assert model.SerializeToString() == before
+    assert report.verification.ok and ops(out)["Conv"] == 1
+    assert_same_outputs(model, out)
+
+
+def test_sparse_initializer_with_index_out_of_range(tmp_path):
+    model = sparse_block()
+    model.graph.sparse_initializer[0].indices.raw_data = np.full(
+        len(model.graph.sparse_initializer[0].indices.raw_data) // 8, 10**6, np.int64).tobytes()
+    path = save(model, tmp_path / "bad.onnx")
+    assert_one_line(*run_cli(path), str(path), "sparse initializer 'w_")
