@@ -473,11 +473,13 @@ _INFERENCE_NODE = re.compile(r"\(op_type:([^,]*), node name: (.*?)\): (.*)")
 
 
 def check_inference(model: onnx.ModelProto, label: str) -> None:
-    """Strict ONNX shape and type inference: catches inconsistent models (a conv weight of the
-    wrong rank, a type clash) before the rules read them. Runs on a light copy: declared
-    shapes of intermediate tensors and outputs are left out (they are metadata, not truth),
-    large initializers are declared by type and shape only, so the cost does not grow with the
-    weights."""
+    """Strict ONNX shape inference: catches inconsistent models (a conv weight of the wrong
+    rank, attributes that do not fit the input) before the rules read them. Type constraints
+    of the op schemas are not enforced: onnxrep also rewrites models outside them (bfloat16
+    convs, with verification off), and onnxruntime judges what it can run. Runs on a light
+    copy: declared shapes of intermediate tensors and outputs are left out (they are metadata,
+    not truth), large initializers are declared by type and shape only, so the cost does not
+    grow with the weights."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -499,7 +501,7 @@ def check_inference(model: onnx.ModelProto, label: str) -> None:
     for s in g.sparse_initializer:
         light.graph.input.append(helper.make_tensor_value_info(s.values.name, s.values.data_type, list(s.dims)))
     try:
-        shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        shape_inference.infer_shapes(light, check_type=False, strict_mode=True)
     except Exception as exc:
         text = first_line(exc)
         m = _INFERENCE_NODE.search(text)
