@@ -10,7 +10,8 @@ result (exit 0), a verification failure (1) or a bad-input error (2), never an i
 Cases are seeded and deterministic: case ``i`` applies mutation ``MUTATIONS[i % len]`` to
 fixture ``FIXTURES[(i // len) % len]`` with ``random.Random(i)``. ``ONNXREP_FUZZ_COUNT`` sets
 the number of default cases (one per mutation and fixture, 188); ``pytest -m slow
-tests/test_fuzz.py`` runs ``ONNXREP_FUZZ_SLOW_COUNT`` (1200) more.
+tests/test_fuzz.py`` runs ``ONNXREP_FUZZ_SLOW_COUNT`` (1200) more in one test (skipped unless
+the ``slow`` marker is selected).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import io
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -557,13 +559,26 @@ def check_case(i: int, folder: Path) -> None:
         assert err == "", f"{where}: {err}"
 
 
-CASES = [pytest.param(i, id=str(i)) for i in range(COUNT)]
-CASES += [pytest.param(i, id=str(i), marks=pytest.mark.slow) for i in range(COUNT, COUNT + SLOW_COUNT)]
-
-
-@pytest.mark.parametrize("i", CASES)
+@pytest.mark.parametrize("i", range(COUNT))
 def test_mutated_model_gets_a_clean_answer(i, tmp_path):
     check_case(i, tmp_path)
+
+
+@pytest.mark.slow
+def test_many_mutated_models_get_clean_answers(tmp_path, request):
+    """Cases COUNT .. COUNT + SLOW_COUNT, all failures listed at once."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("long run: pytest -m slow tests/test_fuzz.py")
+    failures = []
+    for i in range(COUNT, COUNT + SLOW_COUNT):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        try:
+            check_case(i, folder)
+        except AssertionError as exc:
+            failures.append(str(exc).strip().splitlines()[0])
+        shutil.rmtree(folder)
+    assert not failures, f"{len(failures)} of {SLOW_COUNT} cases:\n" + "\n".join(failures[:30])
 
 
 def test_every_mutation_changes_the_model():
