@@ -2,12 +2,14 @@
 
     >>> import onnxrep
     >>> model, report = onnxrep.optimize("model.onnx")
-    >>> print(report.summary())
+    >>> print(report)
+    >>> onnxrep.save(model, "model.rep.onnx")   # atomic; external data when large
 """
 
 from .core import optimize
 from .errors import OnnxrepError, UsageError, VerificationError
+from .modelio import save
 from .report import Report
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "Report", "OnnxrepError", "UsageError", "VerificationError", "__version__"]
+__all__ = ["optimize", "save", "Report", "OnnxrepError", "UsageError", "VerificationError", "__version__"]

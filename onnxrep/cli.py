@@ -1,16 +1,20 @@
 """Command line: ``python -m onnxrep IN [-o OUT] [options]`` (also the ``onnxrep`` script).
 
-Exit status: 0 written (or nothing to write with --dry-run), 1 verification failed, 2 bad input
-or options, 3 internal error. Errors are one line on stderr; nothing is written on any error.
+Exit status: 0 written (or nothing to write with --dry-run), 1 verification failed, 2 bad input,
+options or paths (a write the OS refused included), 3 internal error, 130 / 143 interrupted by
+SIGINT / SIGTERM. Errors are one line on stderr; nothing is written on any error, and every file
+is either written completely or left as it was (docs/files.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import stat
 import sys
-import tempfile
 import traceback
 from typing import Dict, List, Optional
 
@@ -42,14 +46,19 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="ONNX model to optimize (never modified unless --in-place)")
-    p.add_argument("-o", "--output", help="where to write the result (default: INPUT with .rep.onnx)")
+    p.add_argument("-o", "--output", help="where to write the result (default: INPUT with .rep.onnx; '-': stdout)")
     p.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
         help="concrete shape for an input with dynamic dims (repeatable); a dynamic batch axis defaults to 1",
     )
-    p.add_argument("--rtol", type=float, help="verification relative tolerance (default 1e-4; fp16 1e-2)")
-    p.add_argument("--atol", type=float, help="verification absolute tolerance (default 1e-5; fp16 1e-3)")
-    p.add_argument("--verify-draws", type=int, default=3, metavar="N", help="random input draws compared (default 3)")
+    p.add_argument("--rtol", type=float,
+                   help="verification tolerance per output channel, relative to that channel's largest value "
+                   "(default by computation dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2)")
+    p.add_argument("--atol", type=float,
+                   help="absolute error floor replacing the default relative one (float32 1e-6, float16 1e-3 "
+                   "of the tensor's largest value); rarely needed")
+    p.add_argument("--verify-draws", type=int, default=5, metavar="N",
+                   help="random input draws compared: normal, x1e3, zeros, positive, negative (default 5, one of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
     p.add_argument("--only", action="append", default=[], metavar="RULE", help="run only this rule (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="RULE", help="do not run this rule (repeatable)")
@@ -60,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-verify", action="store_true", help="write the result WITHOUT checking it (not recommended)")
     p.add_argument("--no-rollback", action="store_true", help="fail instead of dropping a rewrite that fails verification")
-    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON ('-': stdout; the summary then goes to stderr)")
     p.add_argument("--in-place", action="store_true", help="allow OUTPUT to be the INPUT file itself")
     p.add_argument("--dry-run", action="store_true", help="optimize and verify, but write no model")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -89,61 +98,125 @@ def default_output(path: str) -> str:
     return root + ".rep.onnx"
 
 
+#: ``-o -`` and ``--report -`` write to standard output.
+STDOUT = "-"
+
+
+def _is_stdout(path: str) -> bool:
+    """``-``, or a path that leads to the file standard output is open on (/dev/stdout, ...)."""
+    if path == STDOUT:
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path; stdout replaced by a non-file
+        return False
+
+
+def _is_null(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+
+
 def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    """Whether writing ``a`` would clobber ``b`` (symlinks, ``./x`` and ``x``, hard links and
+    stdout spelled two ways all count; several writes to the null device do not)."""
+    if STDOUT in (a, b):
+        return a == b or _is_stdout(a) and _is_stdout(b)
+    return modelio.same_file(a, b) and not _is_null(a)
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory")
-
-
-def _check_paths(args, output: str) -> None:
-    """Refuse bad output paths before any work, so that an error never leaves a file behind."""
+def _check_paths(args, output: str) -> List[str]:
+    """Refuse bad or colliding paths before any work, so that an error never leaves a file
+    behind. Returns the input's external data files."""
     if not os.path.exists(args.input):
-        return  # loading reports the missing input (not its default output's missing folder)
+        return []  # loading reports the missing input (not its default output's missing folder)
+    in_data = modelio.data_files(args.input)
+    report = args.report
     if not args.dry_run:
+        if output == STDOUT:
+            if in_data:
+                raise UsageError("-o -: a model with external data needs a regular file, not stdout")
+        else:
+            modelio.check_writable(output, external=bool(in_data))
         if _same_file(args.input, output) and not args.in_place:
             raise UsageError(f"{output}: output is the input file; pass --in-place to overwrite it")
-        _check_writable(output)
-    if args.report:
-        if _same_file(args.input, args.report):
-            raise UsageError(f"{args.report}: --report would overwrite the input model")
-        if not args.dry_run and os.path.abspath(args.report) == os.path.abspath(output):
-            raise UsageError(f"{args.report}: --report would overwrite the output model")
-        _check_writable(args.report)
+        for data in in_data:
+            if _same_file(output, data):
+                raise UsageError(f"{output}: output is a data file of the input {args.input}")
+    if report:
+        if report != STDOUT:
+            modelio.check_writable(report)
+        if not args.dry_run and _is_stdout(report) and _is_stdout(output):
+            raise UsageError("--report and -o both write to stdout")
+        named = [("the input model", args.input)] + [(f"a data file of the input ({d})", d) for d in in_data]
+        if not args.dry_run:
+            named.append(("the output model", output))
+            if output != STDOUT:
+                named += [(f"a data file of the output {output}", d) for d in modelio.data_files(output)]
+        for what, path in named:
+            if _same_file(report, path):
+                raise UsageError(f"{report}: --report would overwrite {what}")
+    return in_data
 
 
-def _file_mode(path: str) -> int:
-    """The mode a plain open(path, "w") would give: the existing file's, else 0666 minus umask."""
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like KeyboardInterrupt so that it takes the same clean way out."""
 
 
-def atomic_write(data_writer, path: str) -> None:
-    """Write through a temp file in the target folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxrep-", suffix=".tmp", dir=folder)
-    os.close(fd)
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM raises _Terminated instead of killing the process, so an
+    interrupted write removes its temp files. Only the CLI does this (importing onnxrep changes
+    no handler); the previous handler is restored; an ignored SIGTERM stays ignored; outside
+    the main thread signals are left alone."""
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = False
+    if previous not in (signal.SIG_IGN, None):
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+            installed = True
+        except ValueError:  # not the main thread
+            pass
     try:
-        data_writer(tmp)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give the usual mode instead
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text + "\n")
+def _identity(path: str):
+    """What tells whether a file was replaced or rewritten (None: it does not exist)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _write_report(path: str, text: str) -> None:
+    if path != STDOUT:
+        modelio.write_text(path, text)
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise OnnxrepError(f"stdout: cannot write: {os.strerror(exc.errno) if exc.errno else exc}") from exc
+
+
+def _stdout_bytes():
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:
+        raise UsageError("-o -: stdout does not take bytes here")
+    sys.stdout.flush()
+    return stream
 
 
 def _line(text: str) -> str:
@@ -158,9 +231,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     # builds its sessions with default options, which follow this process-wide logger.
     ort.set_default_logger_severity(runtime.QUIET)
     output = args.output or default_output(args.input)
+    with _sigterm_interrupts():
+        return _run(args, output)
+
+
+def _run(args, output: str) -> int:
+    written: List[str] = []
+    targets = [p for p in ([] if args.dry_run else [output]) + [args.report] if p and p != STDOUT]
+    before = {p: _identity(p) for p in targets}
     try:
         shapes = parse_shapes(args.input_shape, args.input)
-        _check_paths(args, output)
+        in_data = _check_paths(args, output)
+        # A report or model on stdout must stay parseable: the summary goes to stderr then.
+        to_stdout = (args.report and _is_stdout(args.report)) or (not args.dry_run and _is_stdout(output))
+        summary_stream = sys.stderr if to_stdout else sys.stdout
         model, report = optimize(
             args.input,
             input_shapes=shapes,
@@ -177,13 +261,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.no_verify:
             print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
         if not args.dry_run:
-            modelio.write_model(model, output, atomic_write, report.external_data or modelio.needs_external_data(model))
+            external = report.external_data or modelio.needs_external_data(model)
+            if output == STDOUT:
+                modelio.save(model, _stdout_bytes(), external)
+            else:
+                # Data files that must survive the replacement of the previous output: the
+                # input's (unless it is the file being replaced) and the report.
+                keep = [args.input, *([] if args.in_place else in_data),
+                        *([args.report] if args.report and args.report != STDOUT else [])]
+                modelio.save(model, output, external, keep=keep)
+            written.append(output)
             report.output = output
         if args.report:
-            text = json.dumps(report.to_dict(), indent=2)
-            atomic_write(lambda tmp: _write_text(tmp, text), args.report)
+            try:
+                _write_report(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
+            except OnnxrepError as exc:
+                raise OnnxrepError(f"{exc} (the model was written to {output})" if written else str(exc)) from exc
         if not args.quiet:
-            print(report.summary(verbose=args.verbose))
+            print(report.summary(verbose=args.verbose), file=summary_stream)
         return EXIT_OK
     except VerificationError as exc:
         print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
@@ -191,11 +286,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OnnxrepError as exc:
         print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("onnxrep: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        changed = [p for p in targets if _identity(p) != before[p]]
+        done = f"after writing {', '.join(changed)}" if changed else "nothing written"
+        print(f"onnxrep: interrupted ({'SIGTERM' if terminated else 'SIGINT'}); {done}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except MemoryError as exc:  # sizes a model declares (absurd dims) are the usual cause
-        print(_line(f"onnxrep: error: {args.input}: out of memory ({first_line(exc)}); nothing written"), file=sys.stderr)
+        changed = [p for p in targets if _identity(p) != before[p]]
+        done = f"after writing {', '.join(changed)}" if changed else "nothing written"
+        print(_line(f"onnxrep: error: {args.input}: out of memory ({first_line(exc)}); {done}"), file=sys.stderr)
         return EXIT_INPUT
     except Exception as exc:  # a bug: still one line, traceback only with -v
         if args.verbose:

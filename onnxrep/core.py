@@ -3,17 +3,18 @@ back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cl
 
 from __future__ import annotations
 
-import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import VerificationError
+from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .graph import RepGraph
 from .modelio import needs_external_data
-from .normalize import export, import_graph, load_model, normalize, resolve_input_shapes, tensor_shapes, validate
+from .normalize import (export, import_graph, load_model, normalize, quiet_graphsurgeon, resolve_input_shapes,
+                        tensor_shapes, validate)
 from .passes import Context, PassResult, RewriteKey, run_to_fixpoint
 from .report import Report
 from .rules import select_rules
@@ -22,7 +23,7 @@ from .verify import Verifier
 
 
 def optimize(
-    model: Union[str, onnx.ModelProto],
+    model: Union[str, "os.PathLike[str]", bytes, onnx.ModelProto],
     *,
     input_shapes: Optional[Dict[str, Sequence[int]]] = None,
     rtol: Optional[float] = None,
@@ -30,7 +31,7 @@ def optimize(
     only: Optional[Iterable[str]] = None,
     skip: Optional[Iterable[str]] = None,
     verify: bool = True,
-    verify_draws: int = 3,
+    verify_draws: int = 5,
     seed: int = 0,
     allow_growth: bool = False,
     rollback: bool = True,
@@ -38,13 +39,17 @@ def optimize(
     """Re-parameterize a training-structure model into its deploy structure.
 
     Args:
-        model: path to an .onnx file or a loaded ModelProto (never modified).
+        model: path (str or os.PathLike) to an .onnx file (external data beside it is read
+            too), the serialized model as bytes, or a loaded ModelProto (never modified).
         input_shapes: concrete shapes for inputs with dynamic dims (a dynamic batch axis
-            defaults to 1; other dynamic dims must be given).
-        rtol, atol: verification tolerance (defaults: fp32 1e-4 / 1e-5, fp16 1e-2 / 1e-3).
-        only, skip: rule names to restrict to / leave out (see ``onnxrep.rules.DEFAULT_RULES``).
+            defaults to 1; other dynamic dims must be given). The result keeps its dynamic dims.
+        rtol, atol: verification tolerance (docs/verification.md); None picks the defaults for
+            the model's computation dtype.
+        only, skip: a rule name or several, to restrict to / leave out
+            (``onnxrep.rules.DEFAULT_RULES`` lists them).
         verify: compare with the original in onnxruntime; False returns an unverified model.
         verify_draws: number of random input draws compared.
+        seed: seed of the random verification inputs (runs are reproducible).
         allow_growth: also apply rewrites that raise FLOPs (misaligned branches, 1x1 -> depthwise
             compositions, concat branches padded with zero taps).
         rollback: on a verification failure, find the rewrite responsible, drop it and keep the
@@ -55,14 +60,8 @@ def optimize(
         no verified result can be produced.
     """
     options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
-    gc_enabled = gc.isenabled()
-    gc.disable()  # graphs are millions of small objects: collect at stage boundaries instead
-    try:
+    with quiet_graphsurgeon():
         return _optimize(model, options)
-    finally:
-        gc.collect()
-        if gc_enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,15 @@ class _Options:
 def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
     t0 = time.perf_counter()
     external = False
-    if isinstance(model, str):
-        label, (original, external) = model, load_model(model)
-    else:
+    if isinstance(model, (str, os.PathLike)):
+        label = os.fspath(model)
+        original, external = load_model(label)
+    elif isinstance(model, (bytes, bytearray)):
+        label, original = "<bytes>", _parse(bytes(model))
+    elif isinstance(model, onnx.ModelProto):
         label, original = "<model>", model
+    else:
+        raise UsageError(f"optimize() takes a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
     validate(original, label)
     rules = select_rules(o.only, o.skip)
     shapes = resolve_input_shapes(original, o.input_shapes, label)
@@ -98,19 +102,17 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         )
     report.timings["load"] = time.perf_counter() - t0
 
-    known_shapes: Dict[str, list] = {}
+    # Normalize once; every build (the first, and each replay while locating a rewrite
+    # that fails verification) starts from a copy of the normalized graph.
+    t1 = time.perf_counter()
+    normalized = normalize(import_graph(original))
+    known_shapes = tensor_shapes(normalized, original, shapes)  # complete where inference alone is not
 
     def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
-        graph = normalize(import_graph(original))
-        if not known_shapes:  # shapes after constant folding: complete where inference alone is not
-            known_shapes.update(tensor_shapes(graph, original, shapes))
+        graph = normalized.copy()
         result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=o.allow_growth), rules, deny, limit)
-        candidate = export(graph, original)
-        del graph
-        gc.collect()
-        return candidate, result
+        return export(graph, original), result
 
-    t1 = time.perf_counter()
     candidate, result = build(frozenset())
     report.timings["optimize"] = time.perf_counter() - t1
 
@@ -122,7 +124,7 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         while not check.ok:
             if not result.rewrites:
                 raise VerificationError(f"{label}: {check.describe()}")
-            bad = _bisect(build, verifier, deny, len(result.rewrites), label)
+            bad = _locate(build, verifier, deny, result, check, label)
             if not o.rollback:
                 raise VerificationError(
                     f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
@@ -144,6 +146,33 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0
     return candidate, report
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:
+        raise OnnxrepError(f"<bytes>: not a readable ONNX model ({first_line(exc)})") from None
+    return model
+
+
+def _locate(build, verifier: Verifier, deny, result: PassResult, check, label: str):
+    """The rewrite responsible for a failed check.
+
+    Verification names the first tensor (in the candidate's order) that differs from the
+    original and the node that produces it; the rewrite that created that node is the suspect.
+    It is confirmed with two replays (the rewrites before it pass, with it they fail); when
+    there is no suspect or it is not confirmed, bisection over the rewrite sequence finds the
+    first failing prefix.
+    """
+    n = len(result.rewrites)
+    node = getattr(getattr(check, "first_divergence", None), "node", None)
+    suspect = next((i for i in range(n - 1, -1, -1) if node in result.rewrites[i].created), None)
+    if suspect is not None:
+        if verifier.check(build(deny, suspect)[0]).ok and not verifier.check(build(deny, suspect + 1)[0]).ok:
+            return result.rewrites[suspect]
+    return _bisect(build, verifier, deny, n, label)
 
 
 def _bisect(build, verifier: Verifier, deny, n: int, label: str):

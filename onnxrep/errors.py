@@ -1,4 +1,5 @@
-"""Errors onnxrep reports to the user as one line (never as a traceback)."""
+"""Errors onnxrep reports to the user as one line (never as a traceback), and the one
+exception a rule raises to decline a match."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -17,3 +18,12 @@ class UsageError(OnnxrepError):
 
 class VerificationError(OnnxrepError):
     """The optimized model is not equal to the original within tolerance."""
+
+
+class Decline(Exception):
+    """A rewrite does not apply here; the message says why (shown with ``-v``).
+
+    The one way to decline, from the numpy kernels, the typed op readers and the rules alike
+    (docs/architecture.md). It never reaches the user as an error: the pass manager records
+    it against the rule and node and goes on.
+    """

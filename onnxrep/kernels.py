@@ -19,9 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-
-class Decline(Exception):
-    """Raised by a kernel function when a fusion would not be exact (or not worth it)."""
+from .errors import Decline  # noqa: F401  (re-exported: kernels raise it when a fusion is not exact)
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,14 @@ class ConvParams:
         (kh, kw), (dh, dw) = self.kernel_shape, self.dilations
         return (kh - 1) * dh + 1, (kw - 1) * dw + 1
 
+    @property
+    def size_slack(self) -> Tuple[int, int]:
+        """(pad_begin + pad_end - extent) per axis: the output size is floor((H + slack) / s) + 1.
+        Two convs of the same stride give equal output sizes at every input size exactly when
+        their slacks are equal (for unequal slacks some H lands between them)."""
+        (eh, ew), (t, l, b, r) = self.extent, self.pads
+        return t + b - eh, l + r - ew
+
     def output_size(self, h: int, w: int) -> Tuple[int, int]:
         eh, ew = self.extent
         t, l, b, r = self.pads
@@ -61,7 +67,7 @@ class ConvParams:
 
 
 # --------------------------------------------------------------------------------------
-# Batch normalization and per-channel affine maps (DESIGN 3.1, 3.2)
+# Batch normalization and per-channel affine maps (docs/rules.md §1, §2)
 # --------------------------------------------------------------------------------------
 
 
@@ -112,8 +118,39 @@ def affine_after_matmul(weight, bias, scale, shift):
     return w * scale[None, :], b * scale + shift
 
 
+def affine_before_conv(p: ConvParams, scale, shift) -> ConvParams:
+    """x * scale + shift (per input channel) followed by a conv: one conv (docs/rules.md §2).
+
+    W'[o, i] = W[o, i] * scale[c];  b'[o] = b[o] + sum_{i, taps} W[o, i, taps] * shift[c], with c
+    the input channel that (o, i) reads in the group layout. Exact when the conv does not pad,
+    or when shift is zero (zero padding commutes with a scale); otherwise the border would read
+    0 where the original reads shift: Decline.
+    """
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (p.in_channels,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (p.in_channels,))
+    if any(p.pads) and np.any(shift != 0):
+        raise Decline("the conv pads its input with zeros, where the original reads the shift: wrong on the border")
+    w = np.asarray(p.weight, dtype=np.float64)
+    cout, cin_g = w.shape[:2]
+    channel = (np.arange(cout) // (cout // p.group))[:, None] * cin_g + np.arange(cin_g)[None, :]  # [Cout, Cin/g]
+    weight = w * scale[channel][:, :, None, None]
+    bias = np.asarray(p.bias, dtype=np.float64) + (w.sum(axis=(2, 3)) * shift[channel]).sum(axis=1)
+    return replace(p, weight=weight, bias=bias)
+
+
+def affine_before_matmul(weight, bias, scale, shift):
+    """(x * scale + shift) @ W + b over the K input features: x @ W' + b' with
+    W' = scale[:, None] * W and b' = b + shift @ W."""
+    w = np.asarray(weight, dtype=np.float64)
+    k, m = w.shape
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (k,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (k,))
+    b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w * scale[:, None], b + shift @ w
+
+
 # --------------------------------------------------------------------------------------
-# Identity / per-channel branches as kernels (DESIGN 3.3)
+# Identity / per-channel branches as kernels (docs/rules.md §3)
 # --------------------------------------------------------------------------------------
 
 
@@ -134,7 +171,7 @@ def diagonal_conv(scale, shift, group: int) -> ConvParams:
 
 
 # --------------------------------------------------------------------------------------
-# Parallel branches (DESIGN 3.4)
+# Parallel branches (docs/rules.md §4)
 # --------------------------------------------------------------------------------------
 
 
@@ -197,13 +234,21 @@ def common_window(
         pads=(top, left, bottom, right),
         group=first.group,
     )
-    if input_hw is not None:
+    if input_hw is not None:  # one input size: compare the sizes themselves
         want = first.output_size(*input_hw)
         for p in branches[1:]:
             if p.output_size(*input_hw) != want:
                 raise Decline(f"branch outputs differ in size: {want} vs {p.output_size(*input_hw)}")
         if fused.output_size(*input_hw) != want:
             raise Decline("fused conv would change the output size")
+    else:  # dynamic size: floor((H + slack) / s) + 1 must agree for every H
+        want = first.size_slack
+        for p in branches[1:]:
+            if p.size_slack != want:
+                raise Decline(f"branch outputs agree in size only at some input sizes (pads - extent {want} vs "
+                              f"{p.size_slack}); they must agree at every input size")
+        if fused.size_slack != want:
+            raise Decline("fused conv would change the output size at some input sizes")
     offsets = [(top - p.pads[0], left - p.pads[1]) for p in branches]
     return fused, offsets
 
@@ -221,7 +266,7 @@ def merge_parallel(
     allow_growth: bool = False,
     input_hw: Optional[Tuple[int, int]] = None,
 ) -> ConvParams:
-    """Sum of convolutions of one input tensor as one convolution (DESIGN 3.4).
+    """Sum of convolutions of one input tensor as one convolution (docs/rules.md §4).
 
     Kernels are placed in the union window (:func:`common_window`) and summed; biases add.
     """
@@ -239,7 +284,7 @@ def concat_parallel(
     allow_growth: bool = False,
     input_hw: Optional[Tuple[int, int]] = None,
 ) -> ConvParams:
-    """Concat(axis=1) of convolutions of one input as one convolution (DESIGN 3.5).
+    """Concat(axis=1) of convolutions of one input as one convolution (docs/rules.md §5).
 
     Kernels are placed in the union window (:func:`common_window`) and concatenated along
     Cout. Grouped branches are composed on their dense form and regrouped. A kernel smaller
@@ -261,7 +306,7 @@ def concat_parallel(
 
 
 def pad_into_conv(p: ConvParams, pad_top: int, pad_left: int, pad_bottom: int, pad_right: int) -> ConvParams:
-    """A constant-zero Pad of H/W before a conv adds to the conv's pads (DESIGN 3.8)."""
+    """A constant-zero Pad of H/W before a conv adds to the conv's pads (docs/rules.md §8)."""
     if min(pad_top, pad_left, pad_bottom, pad_right) < 0:
         raise Decline("negative pads (cropping) do not fold into a conv")
     t, l, b, r = p.pads
@@ -336,7 +381,7 @@ def _common_divisors(a: int, b: int):
 
 
 # --------------------------------------------------------------------------------------
-# Sequential convs (DESIGN 3.6)
+# Sequential convs (docs/rules.md §6)
 # --------------------------------------------------------------------------------------
 
 
@@ -386,7 +431,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
 
 
 def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) -> ConvParams:
-    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (DESIGN 3.7).
+    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (docs/rules.md §7).
 
     Exact when there is no padding or the padding counts in the average; Decline otherwise.
     """
@@ -398,7 +443,7 @@ def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) 
 
 
 # --------------------------------------------------------------------------------------
-# Any affine region (DESIGN 3.10): a kernel from impulse responses
+# Any affine region (docs/rules.md §10): a kernel from impulse responses
 # --------------------------------------------------------------------------------------
 
 
@@ -423,18 +468,26 @@ def kernel_from_impulses(
     ``responses[i, r]`` is the map's output [Cout, Ho, Wo] for an input that is zero except a 1
     at channel i, position ``positions[r]``; ``zero`` is its output for the zero input. For a
     conv with stride s, output o responds to an impulse at p through tap q = p - o*s (relative
-    to the window start), so every response fills part of the kernel W[:, i, q]. The kernel is
-    cropped to the taps that are non-zero (above ``rel_threshold`` of the largest response, to
-    ignore float rounding), and pads are set so the output size is unchanged.
-    Declines when the zero response (the bias) varies over space by more than ``bias_rtol``.
+    to the window start), so every response fills part of the kernel W[:, i, q].
+
+    Every decision is made per output channel against that channel's own scale (the largest
+    of its responses and its bias): a tap is zero when it is within ``rel_threshold`` of that
+    scale (float rounding), and the bias must be constant over space within ``bias_rtol`` of
+    it. A channel 1e6x smaller than another is recovered as exactly as the large one. The
+    kernel is cropped to the taps non-zero in any channel, and pads are set so the output size
+    is unchanged. Declines when a bias varies over space.
     """
     cin, _, cout, ho, wo = responses.shape
     sh, sw = strides
     h, w = in_hw
     bias = zero.reshape(cout, -1)
-    scale = max(float(np.max(np.abs(responses - zero[None, None]))), float(np.max(np.abs(bias))), 1e-30)
-    if np.max(np.abs(bias - bias[:, :1])) > bias_rtol * scale:
-        raise Decline("the region's output for a zero input varies over space (not a conv bias)")
+    delta = responses - zero[None, None]  # [cin, positions, cout, ho, wo]
+    scale = np.maximum(np.abs(delta).max(axis=(0, 1, 3, 4)), np.abs(bias).max(axis=1))  # [cout]
+    scale = np.maximum(scale, np.finfo(np.float64).tiny)
+    spread = np.abs(bias - bias[:, :1]).max(axis=1)
+    if np.any(spread > bias_rtol * scale):
+        c = int(np.argmax(spread / scale))
+        raise Decline(f"the region's output for a zero input varies over space in channel {c} (not a conv bias)")
     # q ranges over p - o*s; index it from the smallest possible value.
     qh0 = min(p[0] for p in positions) - (ho - 1) * sh
     qw0 = min(p[1] for p in positions) - (wo - 1) * sw
@@ -443,11 +496,10 @@ def kernel_from_impulses(
     table = np.zeros((cout, cin, qh1 - qh0 + 1, qw1 - qw0 + 1))
     oh, ow = np.arange(ho), np.arange(wo)
     for r, (ph, pw) in enumerate(positions):
-        d = responses[:, r] - zero[None]  # [cin, cout, ho, wo]
         rows = ph - oh * sh - qh0
         cols = pw - ow * sw - qw0
-        table[:, :, rows[:, None], cols[None, :]] = np.transpose(d, (1, 0, 2, 3))
-    table[np.abs(table) <= rel_threshold * scale] = 0.0
+        table[:, :, rows[:, None], cols[None, :]] = np.transpose(delta[:, r], (1, 0, 2, 3))
+    table[np.abs(table) <= rel_threshold * scale[:, None, None, None]] = 0.0
     nz = np.nonzero(np.any(table != 0, axis=(0, 1)))
     if len(nz[0]) == 0:
         raise Decline("the region does not depend on its input")
@@ -463,3 +515,26 @@ def kernel_from_impulses(
     if p.output_size(h, w) != (ho, wo):
         raise Decline("no zero-padded conv reproduces the region's output size")
     return regroup(p)
+
+
+def channel_errors(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel error and allowance of ``y`` against ``ref`` (channels on axis 1).
+
+    error_c = max|y_c - ref_c|; allowed_c = rtol * max|ref_c| + floor_rel * max|ref|. The floor,
+    relative to the whole tensor, only matters for channels that are (near) zero next to the
+    others; no fixed absolute floor, so a tensor of tiny values is held to its own scale.
+    Tensors of rank < 2 count as one channel. Shapes must match; values must be finite.
+    """
+    y = np.asarray(y, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if y.shape != ref.shape:
+        raise ValueError(f"shape {y.shape} != {ref.shape}")
+    if y.ndim < 2:
+        y, ref = y.reshape(1, 1, -1), ref.reshape(1, 1, -1)
+    axes = tuple(i for i in range(y.ndim) if i != 1)
+    if y.size == 0:
+        return np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    err = np.abs(y - ref).max(axis=axes)
+    mag = np.abs(ref).max(axis=axes)
+    allowed = rtol * mag + floor_rel * float(mag.max(initial=0.0))
+    return err, allowed

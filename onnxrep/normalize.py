@@ -1,6 +1,6 @@
 """Loading, validation and normalization before the rules run.
 
-Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.9):
+Normalization makes every exporter dialect look alike to the rules (docs/rules.md §9):
 
 * shape inference, so rules can compare shapes and channel counts;
 * ``CastLike(v, x)`` becomes ``Cast(v, to=dtype(x))``: it depends on x only through its dtype.
@@ -14,6 +14,7 @@ Normalization makes every exporter dialect look alike to the rules (DESIGN 2, 3.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,13 +30,24 @@ from . import inputs
 from .errors import OnnxrepError, first_line
 from .modelio import uses_external_data
 
-G_LOGGER.severity = G_LOGGER.ERROR
 
 #: Highest default-domain opset onnxrep accepts (what the installed onnx knows).
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
 
 log = logging.getLogger("onnxrep")
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon's own log (warnings about dtypes, folding) off for the duration, then
+    back to what the caller had: no process-wide change."""
+    before = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = before
 
 
 def load_model(path: str, warnings: Optional[List[str]] = None) -> Tuple[onnx.ModelProto, bool]:
@@ -102,9 +114,17 @@ def default_opset(model: onnx.ModelProto) -> Optional[int]:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes."""
+    """The model as an onnx-graphsurgeon graph with inferred shapes and named nodes.
+
+    Shapes declared for intermediate tensors and outputs (value_info, graph outputs) are
+    metadata, often stale (an export traced at one size): they are dropped, and every shape
+    is inferred from the graph inputs alone, so that neither a rule nor constant folding
+    (Shape of a tensor whose declared size is static) can bake a size into a model whose
+    input dims are dynamic.
+    """
     model, _ = inputs.densify(model, "<model>")  # a ModelProto given to optimize() is never modified
     graph = gs.import_onnx(model)
+    forget_declared_shapes(graph)
     infer_shapes(graph)
     used = {n.name for n in graph.nodes if n.name}
     counter = 0
@@ -115,6 +135,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
             node.name = f"{node.op}_{counter}"
             used.add(node.name)
     return graph
+
+
+def forget_declared_shapes(graph: gs.Graph) -> None:
+    """Clear the shape of every main-graph tensor that is not a graph input (dtypes stay)."""
+    inputs = {t.name for t in graph.inputs}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in inputs:
+            t.shape = None
 
 
 _LIGHT_TENSOR = 4096  # constants up to this many elements keep their values for inference
@@ -164,19 +192,57 @@ def normalize(graph: gs.Graph) -> gs.Graph:
     are constants now, so intermediate shapes that inference could not size become known.
     Returns the graph (the same object).
     """
+    _typed_constants(graph)
     for _ in range(3):
         before = len(graph.nodes)
         _castlike_to_cast(graph)
         graph.toposort()
         if _foldable(graph):
-            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            _fold(graph)
         _remove_identities(graph)
         if len(graph.nodes) == before:
             break
     graph.toposort()
     infer_shapes(graph)
     return graph
+
+
+#: Ops whose values are sequences or optionals: constant folding skips them (it can only hold
+#: tensors), and whatever reads them stays unfolded too.
+_NOT_FOLDED = {"SplitToSequence", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SequenceEmpty",
+               "Optional", "OptionalGetElement", "OptionalHasElement"}
+
+
+def _fold(graph: gs.Graph) -> None:
+    """Constant folding with onnxruntime, no size limit, never over sequence values.
+
+    Folding is an improvement, not a requirement: if it fails, the graph keeps the nodes it
+    could not fold (every tensor it did replace was computed, so the graph stays equal).
+    """
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=None,
+                             should_exclude_node=lambda node: node.op in _NOT_FOLDED)
+    except Exception as exc:  # onnx-graphsurgeon outside its own error guard
+        log.debug("constant folding stopped: %s", first_line(exc))
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _typed_constants(graph: gs.Graph) -> None:
+    """``Constant(value_float(s)/value_int(s))`` as initializers of the type ONNX gives them
+    (float32, int64); read naively, a Python list of floats becomes a float64 tensor."""
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    for node in graph.nodes:
+        if node.op != "Constant" or len(node.outputs) != 1 or len(node.attrs) != 1:
+            continue
+        (key, value), = node.attrs.items()
+        if key not in kinds or node.outputs[0].name in {t.name for t in graph.outputs}:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.asarray(value, dtype=kinds[key]))
+        for consumer in list(out.outputs):
+            _replace_input(consumer, out, const)
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 def _foldable(graph: gs.Graph) -> bool:
@@ -252,7 +318,51 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.name = original.graph.name
     del model.functions[:]
     model.functions.extend(original.functions)
+    _forget_invented_dims(model)
+    _keep_declared_output_dims(model, original)
     return model
+
+
+def _forget_invented_dims(model: onnx.ModelProto) -> None:
+    """Drop the names shape inference invents for dims it cannot size ('unk__3'): two tensors
+    sharing one would tell onnxruntime they have equal sizes, which inference does not know
+    (it gives every element of a sequence of unequal tensors the same name)."""
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param.startswith("unk__"):
+                d.ClearField("dim_param")
+
+
+def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Output shapes of the result: the inferred ones, except that a declared symbolic name is
+    kept where inference agrees the dim is dynamic (so 'batch' stays 'batch'), and a declared
+    static dim is kept where inference could not size it and every input is static (then the
+    one input size there is, verification checks the output at)."""
+    static_inputs = all(
+        d.HasField("dim_value") for i in original.graph.input for d in i.type.tensor_type.shape.dim
+    )
+    declared = {o.name: o for o in original.graph.output}
+    for out in model.graph.output:
+        old = declared.get(out.name)
+        if old is None or not old.type.tensor_type.HasField("shape"):
+            continue
+        new_t = out.type.tensor_type
+        old_dims = old.type.tensor_type.shape.dim
+        if not new_t.HasField("shape"):
+            if static_inputs:
+                new_t.shape.CopyFrom(old.type.tensor_type.shape)
+            continue
+        if len(new_t.shape.dim) != len(old_dims):
+            continue
+        for new, old_d in zip(new_t.shape.dim, old_dims):
+            if new.HasField("dim_value"):
+                continue
+            if old_d.HasField("dim_param") and (new.HasField("dim_param") or not new.HasField("dim_value")):
+                new.dim_param = old_d.dim_param
+            elif old_d.HasField("dim_value") and not new.HasField("dim_param") and static_inputs:
+                new.dim_value = old_d.dim_value
 
 
 def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:

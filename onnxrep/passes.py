@@ -1,19 +1,32 @@
-"""Fixpoint pass manager.
+"""Fixpoint pass manager: the one place that decides whether a rewrite may happen.
 
 Each rule (``onnxrep/rules/*.py``) names the op types it anchors on and offers two steps:
 
-* ``match(ctx, node)`` inspects the graph without changing it and returns a match object, a
-  string saying why it declines (shown with ``-v``), or None when the node is simply not its
-  pattern;
-* ``rewrite(ctx, match)`` changes the graph and returns a :class:`Rewrite` record.
+* ``match(ctx, node)`` inspects the graph without changing it. It returns a :class:`Match`
+  (what the rewrite needs, and which nodes it replaces), None when the node is simply not its
+  pattern, or raises :class:`~onnxrep.errors.Decline` with the reason it does not apply;
+* ``rewrite(ctx, match)`` adds the replacement nodes and returns a :class:`Rewrite` record.
+  It never re-reads the graph (the match carries what it needs) and never removes nodes.
+
+What the manager guarantees for every rule (docs/architecture.md):
+
+* **escapes**: before a rewrite, every tensor the matched nodes produce, other than those the
+  replacement produces again (``Match.keeps``), must be read only by matched nodes: not by a
+  graph output, another node, or a node inside an If/Loop/Scan body. Matched nodes must be
+  live nodes of the main graph. Otherwise the match is declined with the reason;
+* **containment**: a Decline or any other exception inside ``match`` declines that match (an
+  unexpected one with its type and first line); an exception inside ``rewrite``, or a
+  replacement that reads a removed tensor, undoes the rewrite and declines it. The run goes on;
+* **removal**: the manager disconnects ``Match.removes`` itself once the replacement exists;
+* **no warnings**: folding arithmetic runs under ``np.errstate(all="ignore")``; non-finite
+  folded constants are refused where they are made (:meth:`RepGraph.constant`).
 
 A pass visits every live node once, in order, and gives it to the enabled rules anchored on its
-op type; the first rule that matches rewrites it. Passes repeat until one changes nothing. The
-graph is only mutated between matches, never while one is in progress.
-
-Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that many
-rewrites) and ``deny`` (skip those rewrite keys): that is how verification bisects a failure to
-one rewrite and rolls it back.
+op type; the first rule that matches rewrites it. Passes repeat until one changes nothing; then
+the late rules get a pass. The graph is only mutated between matches, never while one is in
+progress. Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that
+many rewrites) and ``deny`` (skip those rewrite keys): that is how a verification failure is
+traced to one rewrite and rolled back.
 """
 
 from __future__ import annotations
@@ -21,9 +34,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from .errors import Decline, first_line
 from .graph import RepGraph
 
 RewriteKey = Tuple[str, str]
+
+
+class Match:
+    """Base of every rule's match: what its rewrite replaces.
+
+    Subclasses (dataclasses) carry what ``rewrite`` needs and define:
+
+    * ``removes``: the nodes the rewrite replaces (the manager removes them afterwards);
+    * ``keeps``: tensors among their outputs that the replacement produces again under the
+      same name (usually the one output of the matched pattern).
+    """
+
+    @property
+    def removes(self) -> Sequence[Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def keeps(self) -> Sequence[Any]:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -42,7 +77,9 @@ class Rewrite:
 
 
 @dataclass(frozen=True)
-class Decline:
+class Declined:
+    """A match a rule declined, and why."""
+
     rule: str
     node: str
     reason: str
@@ -68,7 +105,7 @@ class Rule:
     #: rules have reached their fixpoint, so they never pre-empt a more specific rewrite.
     late: bool = False
 
-    def match(self, ctx: Context, node) -> Any:  # pragma: no cover - interface
+    def match(self, ctx: Context, node) -> Optional[Match]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def rewrite(self, ctx: Context, match) -> Rewrite:  # pragma: no cover - interface
@@ -78,8 +115,35 @@ class Rule:
 @dataclass
 class PassResult:
     rewrites: List[Rewrite] = field(default_factory=list)
-    declines: List[Decline] = field(default_factory=list)
+    declines: List[Declined] = field(default_factory=list)
     passes: int = 0
+
+
+def try_match(ctx: Context, rule: Rule, node) -> Any:
+    """``rule.match`` with the manager's guarantees: a Match that passed the escape check,
+    None, or the reason (a string) it was declined. Never raises (except KeyboardInterrupt)."""
+    try:
+        with np.errstate(all="ignore"):
+            m = rule.match(ctx, node)
+        if m is None:
+            return None
+        ctx.graph.check_replaceable(m.removes, m.keeps)
+        return m
+    except Decline as exc:
+        return str(exc) or "declined"
+    except Exception as exc:  # a bug or an input the rule did not foresee: decline, go on
+        return f"the rule failed on this match ({type(exc).__name__}: {first_line(exc)})"
+
+
+def try_rewrite(ctx: Context, rule: Rule, m: Match) -> Any:
+    """Apply a checked match; returns the Rewrite, or the reason it was undone."""
+    try:
+        with np.errstate(all="ignore"):
+            return ctx.graph.apply(lambda: rule.rewrite(ctx, m), m.removes, m.keeps)
+    except Decline as exc:
+        return f"rewrite undone: {exc}"
+    except Exception as exc:
+        return f"rewrite undone: the rule failed ({type(exc).__name__}: {first_line(exc)})"
 
 
 def run_to_fixpoint(
@@ -113,21 +177,26 @@ def run_to_fixpoint(
             for rule in by_op.get(node.op, ()):
                 if rule.late and not with_late:
                     continue
-                m = rule.match(ctx, node)
+                key = (rule.name, node.name)
+                m = try_match(ctx, rule, node)
                 if m is None:
                     continue
                 if isinstance(m, str):
-                    declined[(rule.name, node.name)] = m
+                    declined[key] = m
                     continue
-                if (rule.name, node.name) in deny:
-                    declined[(rule.name, node.name)] = "rolled back: this rewrite failed verification"
+                if key in deny:
+                    declined[key] = "rolled back: this rewrite failed verification"
                     continue
                 if limit is not None and len(result.rewrites) >= limit:
                     graph.compact()
                     result.declines = _live_declines(graph, declined)
                     return result
-                result.rewrites.append(rule.rewrite(ctx, m))
-                declined.pop((rule.name, node.name), None)
+                done = try_rewrite(ctx, rule, m)
+                if isinstance(done, str):
+                    declined[key] = done
+                    continue
+                result.rewrites.append(done)
+                declined.pop(key, None)
                 changed = True
                 break
         graph.compact()
@@ -135,6 +204,6 @@ def run_to_fixpoint(
     return result
 
 
-def _live_declines(graph: RepGraph, declined: Dict[Tuple[str, str], str]) -> List[Decline]:
+def _live_declines(graph: RepGraph, declined: Dict[Tuple[str, str], str]) -> List[Declined]:
     live = {n.name for n in graph.graph.nodes}
-    return [Decline(rule, node, reason) for (rule, node), reason in declined.items() if node in live]
+    return [Declined(rule, node, reason) for (rule, node), reason in declined.items() if node in live]

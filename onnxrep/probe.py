@@ -7,7 +7,7 @@ indices and pads from ``Shape`` of some activation); activations it only reads t
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -45,8 +45,16 @@ def toposort(nodes: List[gs.Node]) -> List[gs.Node]:
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # probes may fail by design (a region tried at another size)
     return modelio.session(model, opts)
+
+
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4
+
+
+#: Ops whose constant parameters usually depend on the image size (indices, target shapes, ends).
+_SIZED = {"Expand", "Reshape", "Slice", "ScatterND", "ScatterElements", "Gather", "Split"}
 
 
 class Submodel:
@@ -89,7 +97,7 @@ class Submodel:
                     stack.append(i)  # e.g. Shape(Slice(region tensor)): run that Slice too
                 else:
                     sources[i.name] = i
-        self.x, self.y = x, y
+        self.x, self.y, self.nodes = x, y, list(nodes)
         self.sources = list(sources.values())
         batch = (x.shape or [None])[0]
         self.static_batch = batch if isinstance(batch, int) else None
@@ -103,6 +111,32 @@ class Submodel:
             self.session = _session(model)
         except Exception as exc:
             raise Decline(f"the region cannot run on its own ({first_line(exc)[:120]})") from None
+        self.model = model
+
+    def at_any_size(self) -> Optional["Submodel"]:
+        """The same region runnable at other spatial sizes (H and W of x left symbolic, no
+        intermediate shapes), or None when that cannot work: it reads other activations'
+        shapes, or onnxruntime refuses it. Whether it is still the same map there is for the
+        caller to check; sizes baked into the region's constants usually make it fail."""
+        if self.sources or any(n.op in _SIZED for n in self.nodes):
+            return None
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        del model.graph.value_info[:]
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        if len(dims) != 4:
+            return None
+        dims[2].dim_param, dims[3].dim_param = "onnxrep_h", "onnxrep_w"
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
+        try:
+            session = _session(model)
+        except Exception:
+            return None
+        other = object.__new__(Submodel)
+        other.__dict__.update(self.__dict__)
+        other.model, other.session = model, session
+        return other
 
     def _source_feed(self, t, n: int) -> np.ndarray:
         dims = []
@@ -128,7 +162,7 @@ class Submodel:
             for s in self.sources:
                 feed[s.name] = self._source_feed(s, step)
             try:
-                outs.append(self.session.run([self.y.name], feed)[0][:n])
+                outs.append(self.session.run([self.y.name], feed, _QUIET)[0][:n])
             except Exception as exc:
                 raise Decline(f"the region failed on probe inputs ({first_line(exc)[:120]})") from None
         return np.concatenate(outs, axis=0)

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from .passes import Decline, Rewrite
+from .passes import Declined, Rewrite
 from .stats import ModelStats
 from .verify import VerifyResult
 
@@ -17,7 +17,7 @@ class Report:
     before: Optional[ModelStats] = None
     after: Optional[ModelStats] = None
     rewrites: List[Rewrite] = field(default_factory=list)
-    declines: List[Decline] = field(default_factory=list)
+    declines: List[Declined] = field(default_factory=list)
     rolled_back: List[Rewrite] = field(default_factory=list)
     verification: Optional[VerifyResult] = None
     input_shapes: Dict[str, List[int]] = field(default_factory=dict)
@@ -46,6 +46,9 @@ class Report:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "warnings": self.warnings,
         }
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def summary(self, verbose: bool = False) -> str:
         lines = [f"onnxrep: {self.input} -> {self.output or '(not written)'}"]
@@ -78,13 +81,25 @@ class Report:
 def _verification_dict(v: Optional[VerifyResult]):
     if v is None:
         return None
+    first = v.first_divergence
     return {
         "ok": v.ok,
+        "criterion": v.criterion(),
+        "dtype": v.dtype,
         "rtol": v.rtol,
+        "floor_rel": v.floor_rel,
         "atol": v.atol,
         "draws": v.draws,
+        "draw_kinds": v.draw_kinds,
+        "shapes": v.shapes,
         "max_abs_error": v.max_abs_error,
+        "max_error_ratio": v.max_error_ratio,
+        "worst_tensor": asdict(v.worst_tensor) if v.worst_tensor else None,
+        "tensors_compared": v.tensors_compared,
+        "first_divergence": asdict(first) if first else None,
+        "diverging": [asdict(c) for c in v.diverging[:10]],
         "outputs": [asdict(o) for o in v.outputs],
+        "notes": v.notes,
     }
 
 

@@ -68,7 +68,13 @@ def _shapes(model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[
     light.opset_import.extend(model.opset_import)
     g = light.graph
     g.node.extend(model.graph.node)
-    g.output.extend(model.graph.output)
+    for o in model.graph.output:  # names and types only: declared output shapes may be stale
+        out = g.output.add()
+        out.name = o.name
+        if o.type.HasField("tensor_type"):
+            out.type.tensor_type.elem_type = o.type.tensor_type.elem_type
+        else:
+            out.type.CopyFrom(o.type)
     init_names = set()
     for t in model.graph.initializer:
         init_names.add(t.name)

@@ -1,4 +1,4 @@
-"""Command-line tests: ``python -m onnxrep IN [-o OUT] [options]`` (DESIGN 4 and 5).
+"""Command-line tests: ``python -m onnxrep IN [-o OUT] [options]`` (docs/verification.md, docs/files.md).
 
 End-to-end runs go through a subprocess (exactly what a user runs); option checks run
 ``onnxrep.cli.main`` in-process, which is faster and lets part 3 monkeypatch a rule.

@@ -115,7 +115,7 @@ def test_conv_params_geometry_matches_reference(name):
 
 
 # --------------------------------------------------------------------------------------
-# Batch normalization / per-channel affine after a conv (DESIGN 3.1, 3.2)
+# Batch normalization / per-channel affine after a conv (docs/rules.md §1, §2)
 # --------------------------------------------------------------------------------------
 
 
@@ -250,7 +250,7 @@ def test_matmul_then_affine_folds(with_bias, scalar):
 
 
 # --------------------------------------------------------------------------------------
-# Identity / per-channel branches (DESIGN 3.3)
+# Identity / per-channel branches (docs/rules.md §3)
 # --------------------------------------------------------------------------------------
 
 
@@ -301,7 +301,7 @@ def test_dense_kernel_equals_dilated_conv(kernel, dilations, strides, pads, grou
 
 
 # --------------------------------------------------------------------------------------
-# Parallel branches (DESIGN 3.4)
+# Parallel branches (docs/rules.md §4)
 # --------------------------------------------------------------------------------------
 
 ID = "identity"
@@ -476,7 +476,7 @@ def test_merge_parallel_stride2_floor_even_input_is_exact(order):
 
 
 # --------------------------------------------------------------------------------------
-# Pad -> Conv (DESIGN 3.8)
+# Pad -> Conv (docs/rules.md §8)
 # --------------------------------------------------------------------------------------
 
 

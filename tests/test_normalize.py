@@ -5,7 +5,7 @@ import onnx
 from onnx import helper
 
 import onnxrep
-from helpers import GraphBuilder, assert_same_outputs, ops
+from helpers import GraphBuilder, assert_same_outputs, ops, run
 from onnxrep.normalize import import_graph, normalize
 
 
@@ -93,5 +93,61 @@ def test_if_subgraphs_are_left_untouched_and_verified():
     assert sorted(n.op_type for n in branch.node) == ["BatchNormalization", "Conv"]
     for cond in (True, False):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32), "cond": np.array(cond)}
-        from helpers import run
         np.testing.assert_allclose(run(model, feeds)[0], run(out, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+# ---- exporter spellings that used to break normalization ---------------------------------------
+
+
+def _model(nodes, x_shape, inits=(), y_shape=None):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)], list(inits))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _ints(name, values):
+    return onnx.numpy_helper.from_array(np.asarray(values, np.int64), name)
+
+
+def test_constant_value_floats_stays_float32():
+    # dynamo, optimize=False: nn.Upsample scales as Constant(value_floats); read as a Python list
+    # it became a float64 tensor that Resize rejects
+    model = _model([helper.make_node("Constant", [], ["scales"], value_floats=[1.0, 1.0, 2.0, 2.0]),
+                    helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")],
+                   ["N", 4, 6, 6], y_shape=["N", 4, 12, 12])
+    out, report = onnxrep.optimize(model)
+    assert report.verification.ok
+    scales = {i.name: i for i in out.graph.initializer}[next(n for n in out.graph.node if n.op_type == "Resize").input[2]]
+    assert scales.data_type == onnx.TensorProto.FLOAT
+
+
+def test_split_to_sequence_of_unequal_parts_keeps_distinct_sizes():
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1)]
+    nodes += [helper.make_node("SequenceAt", ["seq", f"i{i}"], [f"part{i}"]) for i in range(3)]
+    nodes += [helper.make_node("Relu", ["part0"], ["r0"]), helper.make_node("Sigmoid", ["part1"], ["r1"]),
+              helper.make_node("Concat", ["r0", "r1", "part2"], ["y"], axis=1)]
+    inits = [_ints("split", [2, 2, 4])] + [_ints(f"i{i}", i) for i in range(3)]
+    model = _model(nodes, ["N", 8, "H", "W"], inits, ["N", 8, "H", "W"])
+    out, report = onnxrep.optimize(model, input_shapes={"x": [1, 8, 5, 5]})
+    assert report.verification.ok
+    # no dim name that inference invented (and shared between unequal parts) is written
+    for vi in list(out.graph.value_info) + list(out.graph.output):
+        assert not any(d.dim_param.startswith("unk__") for d in vi.type.tensor_type.shape.dim), vi
+    x = np.random.default_rng(0).standard_normal((2, 8, 3, 7)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"x": x})[0], run(out, {"x": x})[0], rtol=1e-6)
+
+
+def test_split_to_sequence_over_a_constant_is_left_unfolded():
+    # MultiheadAttention's packed in_proj_weight split as a sequence: folding crashed on it
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("SplitToSequence", ["w", "split"], ["seq"], axis=0),
+             helper.make_node("SequenceAt", ["seq", "i0"], ["a"]), helper.make_node("SequenceAt", ["seq", "i1"], ["b"]),
+             helper.make_node("MatMul", ["x", "a"], ["ya"]), helper.make_node("MatMul", ["x", "b"], ["yb"]),
+             helper.make_node("Add", ["ya", "yb"], ["y"])]
+    model = _model(nodes, ["N", 4], [w, _ints("split", [4, 4]), _ints("i0", 0), _ints("i1", 1)], ["N", 4])
+    out, report = onnxrep.optimize(model)
+    assert report.verification.ok
+    assert ops(out)["MatMul"] == 2

@@ -5,7 +5,7 @@ Before:  x -> Conv1x1(W, b, stride 1) -> Pad(pads P, constant c) -> y      with 
 After:   x -> Conv1x1(W, b, pads + P) -> y
 
 A stride-1 1x1 conv with padding computes exactly its bias on the padded border, so padding its
-output with the value of its bias is the same as padding its input with zeros (DESIGN 3.6: a
+output with the value of its bias is the same as padding its input with zeros (docs/rules.md §6: a
 1x1 conv commutes with padding when the pad value is its own bias). This is how DBB's
 "BN then pad with the BN output of a zero input" appears once the BN is folded; written as
 pad(y - v) + v the Sub folds first (bias b - v ~ 0, pad value 0) and the Add after. With the
@@ -21,20 +21,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import Decline
 from ..graph import producer, spatial_hw, static_shape
 from ..kernels import ConvParams, layer_flops, pad_into_conv
-from ..passes import Context, Rewrite, Rule
-from .pad_conv import _pads_of
-from .sequential import LINEAR, judge_composition
+from ..passes import Context, Match, Rewrite, Rule
+from ..patterns import LINEAR, judge_composition
 
 BIAS_RTOL = 1e-6
 
 
 @dataclass
-class BorderMatch:
+class BorderMatch(Match):
     pad: object
     conv: object
     params: ConvParams
+
+    @property
+    def removes(self):
+        return [self.conv, self.pad]
+
+    @property
+    def keeps(self):
+        return [self.pad.outputs[0]]
 
 
 class FoldBorderPadIntoConv(Rule):
@@ -47,38 +55,42 @@ class FoldBorderPadIntoConv(Rule):
         conv = producer(node.inputs[0])
         if conv is None or conv.op != "Conv":
             return None
-        p = g.read_conv(conv)
-        if isinstance(p, str) or p.kernel_shape != (1, 1) or p.strides != (1, 1):
+        try:
+            p = g.read_conv(conv)
+        except Decline:
+            return None
+        if p.kernel_shape != (1, 1) or p.strides != (1, 1):
             return None
         if g.escapes([conv, node], keep=node.outputs):
             return None
-        got = _pads_of(node)
-        if isinstance(got, str):
-            return got
-        pads, value = got
-        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
-            return f"Pad '{node.name}' is not a non-negative H/W pad of a 4-D tensor"
+        spec = g.read_pad(node)
+        try:
+            top, left, bottom, right = spec.spatial()
+        except Decline as exc:
+            raise Decline(f"Pad '{node.name}': {exc}") from None
+        if min(top, left, bottom, right) < 0:
+            raise Decline(f"Pad '{node.name}' crops (negative pads)")
+        value = spec.value
         bias = np.asarray(p.bias, np.float64)
         tol = BIAS_RTOL * max(1.0, float(np.max(np.abs(bias))), abs(value))
         if np.max(np.abs(bias - value)) > tol:
-            return (f"Pad '{node.name}' border value {value:g} is not the bias of Conv '{conv.name}' "
-                    f"(max |b - c| {np.max(np.abs(bias - value)):.2e})")
-        padded = pad_into_conv(p, pads[2], pads[3], pads[6], pads[7])
-        reason = _composes_next(ctx, node, conv, p, padded)
-        if reason:
-            return f"Pad '{node.name}': {reason}"
+            raise Decline(f"Pad '{node.name}' border value {value:g} is not the bias of Conv '{conv.name}' "
+                          f"(max |b - c| {np.max(np.abs(bias - value)):.2e})")
+        padded = pad_into_conv(p, top, left, bottom, right)
+        try:
+            _composes_next(ctx, node, conv, p, padded)
+        except Decline as exc:
+            raise Decline(f"Pad '{node.name}': {exc}") from None
         return BorderMatch(node, conv, padded)
 
     def rewrite(self, ctx: Context, m: BorderMatch) -> Rewrite:
-        g = ctx.graph
-        new = g.repad_conv(m.conv, m.params.pads, m.conv.inputs[0], m.pad.outputs[0])
-        g.remove([m.conv, m.pad])
+        new = ctx.graph.repad_conv(m.conv, m.params.pads, m.conv.inputs[0], m.pad.outputs[0])
         return Rewrite(self.name, m.pad.name, (m.conv.name, m.pad.name), (new.name,),
                        f"border {tuple(m.params.pads)} now padded by the 1x1 conv itself")
 
 
-def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams):
-    """Why moving the border into the 1x1 would not pay, or None.
+def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams) -> None:
+    """Decline unless moving the border into the 1x1 pays.
 
     On its own the move makes the 1x1 run on the larger canvas; it pays only when the layer
     after the border (past per-channel affine ops) then composes with the 1x1 at no more
@@ -90,16 +102,13 @@ def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams):
     while nxt is not None and nxt.op not in LINEAR:
         affine = g.read_channel_affine(nxt)
         if affine is None or affine[0] is not t:
-            return "the border does not lead straight to a conv"
+            raise Decline("the border does not lead straight to a conv")
         t = nxt.outputs[0]
         nxt = g.sole_consumer(t)
     if nxt is None or nxt.inputs[0] is not t:
-        return "the border does not lead straight to a conv"
+        raise Decline("the border does not lead straight to a conv")
     p2 = g.read_linear(nxt)
-    if isinstance(p2, str):
-        return p2
     pad_flops = int(np.prod(static_shape(pad.outputs[0])[1:])) if spatial_hw(pad.outputs[0]) else 0
     before = (layer_flops(p, spatial_hw(conv.outputs[0]) or (1, 1)) + pad_flops
               + layer_flops(p2, spatial_hw(nxt.outputs[0]) or (1, 1), pool=nxt.op == "AveragePool"))
-    verdict = judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)
-    return verdict if isinstance(verdict, str) else None
+    judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)

@@ -1,6 +1,6 @@
 """Depth concat and horizontal merging of parallel convs on one input.
 
-merge_parallel_concat (DESIGN 3.5)
+merge_parallel_concat (docs/rules.md §5)
     Before:  y = Concat(axis=1)[BN(conv3x3(x)), BN(conv1x1(x)), conv1x3(x), ...]
     After:   y = Conv(x, W = concat_Cout(kernels placed in the union window), b = concat(b))
     Consecutive Concat operands that are convs (or identity / BN-only branches) of the same
@@ -21,19 +21,28 @@ from typing import List
 
 import numpy as np
 
+from ..errors import Decline
 from ..graph import spatial_hw
-from ..kernels import ConvParams, Decline, concat_parallel, diagonal_conv
-from ..passes import Context, Rewrite, Rule
-from .parallel_add import Leaf, _read_leaf
+from ..kernels import ConvParams, concat_parallel, diagonal_conv
+from ..passes import Context, Match, Rewrite, Rule
+from ..patterns import Leaf, read_leaf
 
 
 @dataclass
-class ConcatMatch:
+class ConcatMatch(Match):
     node: object
     runs: List[List[Leaf]]  # runs of operands merged into one conv each
     starts: List[int]  # operand index where each run starts
     params: List[ConvParams]
     dtype: object
+
+    @property
+    def removes(self):
+        return [self.node] + [n for run in self.runs for leaf in run for n in leaf.nodes]
+
+    @property
+    def keeps(self):
+        return [self.node.outputs[0]]
 
 
 def _concat_axis(node) -> int:
@@ -51,7 +60,7 @@ class MergeParallelConcat(Rule):
         g = ctx.graph
         if _concat_axis(node) != 1 or len(node.outputs[0].shape or ()) != 4:
             return None
-        leaves = [_read_leaf(g, t) for t in node.inputs]
+        leaves = [read_leaf(g, t) for t in node.inputs]
         runs, current = [], []
         for leaf in leaves:
             if current and (leaf.base is None or leaf.base is not current[0].base):
@@ -85,21 +94,20 @@ class MergeParallelConcat(Rule):
             params.append(fused)
             kept.append((position[id(run[0])], run))
         if not kept:
-            return "; ".join(reasons)
-        region = [node] + [n for _, run in kept for leaf in run for n in leaf.nodes]
-        reason = g.escapes(region, keep=node.outputs)
+            raise Decline("; ".join(reasons))
+        conv = next(leaf.conv_node for _, run in kept for leaf in run if leaf.conv_node is not None)
+        m = ConcatMatch(node, [run for _, run in kept], [start for start, _ in kept], params,
+                        conv.inputs[1].values.dtype)
+        reason = g.escapes(m.removes, keep=node.outputs)
         if reason:
-            return f"branch output escapes: {reason}"
-        conv = next(n for leaf in kept[0][1] for n in leaf.nodes if n.op == "Conv")
-        return ConcatMatch(node, [run for _, run in kept], [start for start, _ in kept], params,
-                           conv.inputs[1].values.dtype)
+            raise Decline(f"branch output escapes: {reason}")
+        return m
 
     def rewrite(self, ctx: Context, m: ConcatMatch) -> Rewrite:
         g = ctx.graph
         out = m.node.outputs[0]
         operands = list(m.node.inputs)
-        replaced = [m.node.name] + [n.name for run in m.runs for leaf in run for n in leaf.nodes]
-        g.remove([m.node] + [n for run in m.runs for leaf in run for n in leaf.nodes])
+        replaced = [n.name for n in m.removes]
         whole = len(m.runs) == 1 and len(m.runs[0]) == len(operands)
         created, new_inputs, i = [], [], 0
         starts = {start: (run, p) for start, run, p in zip(m.starts, m.runs, m.params)}
@@ -121,10 +129,20 @@ class MergeParallelConcat(Rule):
 
 
 @dataclass
-class HorizontalMatch:
+class HorizontalMatch(Match):
+    x: object
     convs: List[object]
+    outs: List[object]
     params: ConvParams
     dtype: object
+
+    @property
+    def removes(self):
+        return list(self.convs)
+
+    @property
+    def keeps(self):
+        return list(self.outs)
 
 
 class MergeHorizontalConvs(Rule):
@@ -137,18 +155,25 @@ class MergeHorizontalConvs(Rule):
     def match(self, ctx: Context, node):
         g = ctx.graph
         x = node.inputs[0]
-        siblings = [c for c in x.outputs if c.op == "Conv" and c.inputs[0] is x]
+        # Only main-graph readers: a Conv inside an If/Loop body must stay there.
+        siblings = [c for c in g.consumers(x) if c.op == "Conv" and c.inputs[0] is x]
         if len(siblings) < self.min_convs or node is not siblings[0]:
             return None
-        read = [(c, g.read_conv(c)) for c in siblings]
-        read = [(c, p) for c, p in read if not isinstance(p, str) and p.group == 1]
+        read = []
+        for c in siblings:
+            try:
+                p = g.read_conv(c)
+            except Decline:
+                continue
+            if p.group == 1:
+                read.append((c, p))
         if not read:
             return None
         key = lambda p: (p.kernel_shape, p.strides, p.pads, p.dilations)
         first = max({key(p) for _, p in read}, key=lambda k: sum(key(p) == k for _, p in read))
         same = [(c, p) for c, p in read if key(p) == first]
         if len(same) < self.min_convs:
-            return f"fewer than {self.min_convs} convs on '{x.name}' share one window"
+            raise Decline(f"fewer than {self.min_convs} convs on '{x.name}' share one window")
         dtypes = {c.inputs[1].values.dtype for c, _ in same}
         if len(dtypes) != 1:
             return None
@@ -156,21 +181,19 @@ class MergeHorizontalConvs(Rule):
         first_p = same[0][1]
         fused = replace(first_p, weight=np.concatenate([np.asarray(p.weight, np.float64) for _, p in same]),
                         bias=np.concatenate([np.asarray(p.bias, np.float64) for _, p in same]))
-        return HorizontalMatch([c for c, _ in same], fused, dtypes.pop())
+        convs = [c for c, _ in same]
+        return HorizontalMatch(x, convs, [c.outputs[0] for c in convs], fused, dtypes.pop())
 
     def rewrite(self, ctx: Context, m: HorizontalMatch) -> Rewrite:
         g = ctx.graph
-        x = m.convs[0].inputs[0]
-        outs = [c.outputs[0] for c in m.convs]
         sizes = [int(c.inputs[1].values.shape[0]) for c in m.convs]
         base = m.convs[0].name
-        y = g.variable(f"{base}.combined", outs[0])
-        g.remove(m.convs)
-        conv = g.write_conv(f"{base}.combined", m.params, x, y, m.dtype)
+        y = g.variable(f"{base}.combined", m.outs[0])
+        conv = g.write_conv(f"{base}.combined", m.params, m.x, y, m.dtype)
         opset = int(g.graph.opset or 13)
         if opset >= 13:
-            split = g.add_node("Split", f"{base}.split", [y, g.constant(f"{base}.split_sizes", np.array(sizes), np.int64)], outs, {"axis": 1})
+            split = g.add_node("Split", f"{base}.split", [y, g.constant(f"{base}.split_sizes", np.array(sizes), np.int64)], m.outs, {"axis": 1})
         else:
-            split = g.add_node("Split", f"{base}.split", [y], outs, {"axis": 1, "split": sizes})
+            split = g.add_node("Split", f"{base}.split", [y], m.outs, {"axis": 1, "split": sizes})
         return Rewrite(self.name, base, tuple(c.name for c in m.convs), (conv.name, split.name),
-                       f"{len(m.convs)} convs on '{x.name}' -> conv + Split {sizes}")
+                       f"{len(m.convs)} convs on '{m.x.name}' -> conv + Split {sizes}")

@@ -12,7 +12,7 @@ After:   x -> Conv (W, b) -> y
   make the border wrong, so the rule declines (a border padded with b1 is first moved into
   conv1 by fold_border_pad_into_conv, which makes conv2 unpadded).
 * AveragePool is the depthwise conv with taps 1/k^2 (exact with zero pads or
-  count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (DESIGN 3.6, 3.7)
+  count_include_pad=1), so DBB's 1x1 -> AvgPool branch composes too. (docs/rules.md §6, §7)
 
 Cost (FLOPs as onnxrep.stats counts them, kernels.layer_flops): composing a 1x1 with a
 depthwise KxK (BSConv-U) or two 1x1s through a thin middle (BSConv-S) multiplies FLOPs. Such a composition is declined unless ``allow_growth``, or unless
@@ -24,21 +24,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..graph import producer, spatial_hw
-from ..kernels import ConvParams, Decline, compose_sequential, layer_flops
-from ..passes import Context, Rewrite, Rule
-from .parallel_add import covered_by_sibling
-
-LINEAR = ("Conv", "AveragePool")
+from ..errors import Decline
+from ..graph import producer
+from ..kernels import ConvParams
+from ..passes import Context, Match, Rewrite, Rule
+from ..patterns import LINEAR, judge_composition, layer_output_flops
 
 
 @dataclass
-class SequentialMatch:
+class SequentialMatch(Match):
     first: object
     second: object
     fused: ConvParams
     dtype: object
     note: str
+    x: object
+    y: object
+
+    @property
+    def removes(self):
+        return [self.first, self.second]
+
+    @property
+    def keeps(self):
+        return [self.y]
 
 
 class ComposeSequentialConvs(Rule):
@@ -54,60 +63,16 @@ class ComposeSequentialConvs(Rule):
         if g.escapes([first, node], keep=node.outputs):
             return None  # conv1's output is used elsewhere: nothing to remove
         p1, p2 = g.read_linear(first), g.read_linear(node)
-        for p in (p1, p2):
-            if isinstance(p, str):
-                return p
-        before = _flops(p1, first.outputs[0], first.op) + _flops(p2, node.outputs[0], node.op)
-        verdict = judge_composition(ctx, p1, p2, node.outputs[0], first.inputs[0], before)
-        if isinstance(verdict, str):
-            return f"'{first.name}' -> '{node.name}': {verdict}"
-        fused, note = verdict
+        before = layer_output_flops(p1, first.outputs[0], first.op) + layer_output_flops(p2, node.outputs[0], node.op)
+        try:
+            fused, note = judge_composition(ctx, p1, p2, node.outputs[0], first.inputs[0], before)
+        except Decline as exc:
+            raise Decline(f"'{first.name}' -> '{node.name}': {exc}") from None
         conv = first if first.op == "Conv" else node
-        return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note)
+        return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note, first.inputs[0], node.outputs[0])
 
     def rewrite(self, ctx: Context, m: SequentialMatch) -> Rewrite:
-        g = ctx.graph
-        new = g.write_conv(m.second.name, m.fused, m.first.inputs[0], m.second.outputs[0], m.dtype)
-        g.remove([m.first, m.second])
+        new = ctx.graph.write_conv(m.second.name, m.fused, m.x, m.y, m.dtype)
         kh, kw = m.fused.kernel_shape
         return Rewrite(self.name, m.second.name, (m.first.name, m.second.name), (new.name,),
                        f"{m.first.op} -> {m.second.op} = conv{kh}x{kw}{m.note}")
-
-
-def judge_composition(ctx: Context, p1: ConvParams, p2: ConvParams, out, x, before: int):
-    """(fused, note) when conv2(conv1(x)) -> ``out`` composes exactly without costing more
-    FLOPs than ``before`` (or the growth is absorbed by a parallel branch), else the reason."""
-    # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
-    # shape alone before building it, unless a parallel branch might absorb it.
-    predicted = _predicted_flops(p1, p2, out)
-    if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
-        return f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)"
-    try:
-        fused = compose_sequential(p1, p2)
-    except Decline as exc:
-        return str(exc)
-    after = _flops(fused, out, "Conv")
-    if after <= before or ctx.allow_growth:
-        return fused, ""
-    if covered_by_sibling(ctx.graph, out, x, fused):
-        return fused, " (absorbed by a parallel branch)"
-    return f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)"
-
-
-def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
-    """FLOPs of compose_sequential(p1, p2) from the shapes alone (an upper bound: regrouping
-    can only make it cheaper)."""
-    group = p1.group if p1.group == p2.group else 1
-    if any(p2.pads):
-        kh, kw = p2.kernel_shape
-    else:
-        (e1h, e1w), (l2h, l2w) = p1.extent, p2.kernel_shape
-        kh = (l2h - 1) * p2.dilations[0] * p1.strides[0] + e1h
-        kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
-    ho, wo = spatial_hw(out) or (1, 1)
-    return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
-
-
-def _flops(p: ConvParams, out, op: str) -> int:
-    hw = spatial_hw(out)
-    return layer_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")

@@ -167,7 +167,8 @@ def test_avgpool_excluding_pads_is_not_translation_equivariant():
     model = b.build(b.add(avg, b.conv(b.x, 4, 6, k=3)))
     out, report = onnxrep.optimize(model, only=RULE)
     assert ops(out) == ops(model)
-    assert any("no conv reproduces it" in d.reason for d in report.declines), report.declines
+    # declined from the pool's attributes, before any probing
+    assert any("count_include_pad=0" in d.reason for d in report.declines), report.declines
     assert_same_outputs(model, out)
 
 
@@ -180,3 +181,30 @@ def test_scalar_before_a_single_conv_is_left_for_the_runtime():
     out, report = onnxrep.optimize(model)
     assert ops(out) == ops(model)
     assert report.rewrites == []
+
+
+# ---- probing cost does not grow with the image ---------------------------------------------
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_probes_run_on_a_canvas_sized_by_the_receptive_field(monkeypatch, group):
+    from onnxrep import probe
+
+    seen = []
+    original = probe.Submodel.run
+
+    def recording(self, xs):
+        seen.append(xs.shape)
+        return original(self, xs)
+
+    monkeypatch.setattr(probe.Submodel, "run", recording)
+    b = GraphBuilder([1, 8, 48, 40])
+    y = b.conv(b.node("Neg", [b.conv(b.x, 8, 8, k=1, bias=False, group=group)]), 8, 8, k=3, group=group)
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == {"Conv": 1}
+    probes = seen[3:]  # after the three full-size batch checks: the impulse batches
+    assert probes and all(s[2] < 48 and s[3] < 40 for s in probes), seen
+    if group == 8:  # depthwise: every channel probed at once, one impulse per stride residue
+        assert max(s[0] for s in probes) == 2
+    assert_same_outputs(model, out)

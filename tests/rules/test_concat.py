@@ -116,7 +116,7 @@ def test_branch_output_used_elsewhere_is_kept(escape):
 @pytest.mark.parametrize("group", [2, 8])
 def test_concat_of_grouped_convs_does_not_grow_macs(group):
     """Concat of two grouped (depthwise) convs is not a grouped conv in concat channel order:
-    merging them yields a dense conv with `group` times the MACs. DESIGN 3.5/3.6: rewrites
+    merging them yields a dense conv with `group` times the MACs. docs/rules.md §5, §6: rewrites
     that raise FLOPs are not applied by default."""
     b = GraphBuilder([1, 8, 8, 8])
     model = b.build(concat(b, [b.conv(b.x, 8, 8, group=group), b.conv(b.x, 8, 8, group=group)]))

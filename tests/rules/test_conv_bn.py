@@ -93,12 +93,12 @@ def test_matmul_on_rank3_activation_declines():
 def test_training_mode_bn_declines_in_the_rule():
     from onnxrep.graph import RepGraph
     from onnxrep.normalize import import_graph
-    from onnxrep.passes import Context
+    from onnxrep.passes import Context, try_match
     from onnxrep.rules.conv_bn import FoldBnIntoConv
 
     b = GraphBuilder([1, 4, 6, 6])
     model = b.build(b.bn(b.conv(b.x, 4, 4), 4, training_mode=1), opset=15, output_shape=[1, 4, 6, 6])
     graph = import_graph(model)
     bn = next(n for n in graph.nodes if n.op == "BatchNormalization")
-    reason = FoldBnIntoConv().match(Context(RepGraph(graph)), bn)
+    reason = try_match(Context(RepGraph(graph)), FoldBnIntoConv(), bn)
     assert isinstance(reason, str) and "training_mode" in reason

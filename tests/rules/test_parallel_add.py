@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 import onnxrep
-from helpers import GraphBuilder, assert_same_outputs, ops
+from helpers import GraphBuilder, assert_equal_per_channel, assert_same_outputs, ops
 
 RULES = ["fold_bn_into_conv", "fold_affine_into_conv", "merge_parallel_add"]
 
@@ -152,8 +152,56 @@ def test_float16_block_is_folded_in_float64_and_verified_with_the_fp16_tolerance
     model = b.build(repvgg_block(b, b.x, 8, 8))
     out, report = optimize(model)
     assert ops(out) == {"Conv": 1, "Relu": 1}
-    assert (report.verification.rtol, report.verification.atol) == (1e-2, 1e-3)
+    v = report.verification
+    assert (v.dtype, v.rtol, v.floor_rel, v.atol) == ("float16", 1e-2, 1e-3, None)
     assert report.verification.ok
     w = next(i for i in out.graph.initializer if i.name.endswith("weight"))
     assert w.data_type == onnx.TensorProto.FLOAT16
     assert_same_outputs(model, out, rtol=1e-2, atol=1e-3)
+
+
+# ---- signed joins: Sub and variadic Sum -------------------------------------------------------
+
+
+def _signed_feeds(shape):
+    return {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+
+
+def test_sub_join_of_a_conv_and_its_input_is_one_conv():
+    # RIFormer's mixer: conv_dw1x1(t) - t
+    b = GraphBuilder([1, 4, 6, 6])
+    y = b.node("Sub", [b.bn(b.conv(b.x, 4, 4, k=1, pad=0, group=4), 4), b.x])
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=["fold_bn_into_conv", "merge_parallel_add"])
+    assert ops(out) == {"Conv": 1}
+    assert_equal_per_channel(model, out, _signed_feeds([1, 4, 6, 6]))
+
+
+def test_variadic_sum_join_is_one_conv():
+    # tf2onnx writes Keras' Add of three branches as one Sum
+    b = GraphBuilder([1, 4, 6, 6])
+    y = b.node("Sum", [b.bn(b.conv(b.x, 4, 4, k=3), 4), b.bn(b.conv(b.x, 4, 4, k=1, pad=0), 4), b.bn(b.x, 4)])
+    model = b.build(y)
+    out, report = onnxrep.optimize(model)
+    assert ops(out) == {"Conv": 1}
+    assert_equal_per_channel(model, out, _signed_feeds([1, 4, 6, 6]))
+
+
+def test_mixed_signed_tree_keeps_the_subtracted_remainder():
+    b = GraphBuilder([1, 4, 6, 6])
+    merged = b.node("Sub", [b.conv(b.x, 4, 4, k=3), b.conv(b.x, 4, 4, k=1, pad=0)])
+    y = b.node("Sub", [b.node("Add", [merged, b.x]), b.node("Relu", [b.x])])
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=["merge_parallel_add"])
+    assert ops(out) == {"Conv": 1, "Sub": 1, "Relu": 1}
+    assert_equal_per_channel(model, out, _signed_feeds([1, 4, 6, 6]))
+
+
+def test_subtracted_constant_joins_the_bias():
+    b = GraphBuilder([1, 4, 6, 6])
+    s = b.node("Add", [b.conv(b.x, 4, 4, k=3), b.conv(b.x, 4, 4, k=1, pad=0)])
+    y = b.node("Sub", [s, b.const(b.rand(1, 4, 1, 1))])
+    model = b.build(y)
+    out, _ = onnxrep.optimize(model, only=["merge_parallel_add"])
+    assert ops(out) == {"Conv": 1}
+    assert_equal_per_channel(model, out, _signed_feeds([1, 4, 6, 6]))

@@ -1,0 +1,92 @@
+"""fold_bn_through_reshape: BatchNormalization after a MatMul seen through a reshape that
+keeps the feature axis last (LeViT's LinearBatchNorm).
+
+Before:  x[.., N, C] -> MatMul(W[C, D]) -> Flatten(axis=-1) | Reshape([M, D]) -> BN(D) -> y[M, D]
+After:   x[.., N, C] -> MatMul(W * s) -> Add(h) -> Flatten | Reshape -> y[M, D]
+
+The reshape only merges leading axes, so column d of the flattened tensor is feature d of the
+MatMul's output and BN's per-channel map y = z * s + h folds into W's columns and one Add of h
+over the last axis (docs/rules.md §1). A reshape that moves the feature axis declines by not
+matching. (Without a reshape, a rank-2 MatMul -> BN is fold_bn_into_conv's.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import Decline
+from ..graph import const_value, producer, static_shape
+from ..kernels import affine_after_matmul
+from ..passes import Context, Match, Rewrite, Rule
+
+
+@dataclass
+class ReshapedBnMatch(Match):
+    matmul: object
+    reshape: object
+    bn: object
+    weight: np.ndarray
+    shift: np.ndarray
+    dtype: object
+
+    @property
+    def removes(self):
+        return [self.matmul, self.reshape, self.bn]
+
+    @property
+    def keeps(self):
+        return [self.bn.outputs[0]]
+
+
+def _keeps_last_axis(reshape, rank_in: int, features: int) -> bool:
+    """Whether ``reshape`` maps [..., features] to [M, features] merging the leading axes."""
+    if reshape.op == "Flatten":
+        return int(reshape.attrs.get("axis", 1)) % rank_in == rank_in - 1
+    shape = const_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if shape is None or shape.size != 2 or int(reshape.attrs.get("allowzero", 0)):
+        return False
+    first, last = (int(v) for v in shape.reshape(-1))
+    return last == features and first != 0
+
+
+class FoldBnThroughReshape(Rule):
+    name = "fold_bn_through_reshape"
+    ops = ("BatchNormalization",)
+    summary = "MatMul -> Flatten/Reshape keeping the feature axis last -> BatchNormalization -> MatMul + Add"
+
+    def match(self, ctx: Context, node):
+        g = ctx.graph
+        reshape = producer(node.inputs[0])
+        if reshape is None or reshape.op not in ("Flatten", "Reshape"):
+            return None
+        matmul = producer(reshape.inputs[0])
+        if matmul is None or matmul.op != "MatMul":
+            return None
+        shape = static_shape(matmul.outputs[0])
+        w = const_value(matmul.inputs[1])
+        if shape is None or w is None or w.ndim != 2 or len(shape) < 2:
+            return None
+        features = int(w.shape[1])
+        if not _keeps_last_axis(reshape, len(shape), features):
+            return None
+        scale, shift = g.read_batchnorm(node)
+        if len(scale) != features:
+            raise Decline(f"BatchNormalization '{node.name}' has {len(scale)} channels, the MatMul {features} features")
+        weight, _ = affine_after_matmul(g.read_matmul(matmul)[0], None, scale, np.zeros(features))
+        return ReshapedBnMatch(matmul, reshape, node, weight, shift, w.dtype)
+
+    def rewrite(self, ctx: Context, m: ReshapedBnMatch) -> Rewrite:
+        g = ctx.graph
+        base = m.matmul.name
+        z = g.variable(f"{base}.out", m.matmul.outputs[0])
+        created = [g.add_node("MatMul", base, [m.matmul.inputs[0], g.constant(f"{base}.weight", m.weight, m.dtype)], [z])]
+        if np.any(m.shift != 0):
+            biased = g.variable(f"{base}.biased", m.matmul.outputs[0])
+            created.append(g.add_node("Add", f"{base}.bias", [z, g.constant(f"{base}.bias", m.shift, m.dtype)], [biased]))
+            z = biased
+        created.append(g.add_node(m.reshape.op, m.reshape.name, [z, *m.reshape.inputs[1:]], [m.bn.outputs[0]],
+                                  dict(m.reshape.attrs)))
+        return Rewrite(self.name, m.bn.name, tuple(n.name for n in m.removes), tuple(n.name for n in created),
+                       f"MatMul -> {m.reshape.op} -> BN")

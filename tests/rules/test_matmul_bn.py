@@ -1,0 +1,37 @@
+"""fold_bn_through_reshape: LeViT's LinearBatchNorm, MatMul -> Flatten/Reshape -> BN."""
+
+import numpy as np
+import pytest
+
+import onnxrep
+from helpers import GraphBuilder, assert_equal_per_channel, ops
+
+RULE = ["fold_bn_through_reshape"]
+
+
+def linear_bn(spelling: str, features: int = 6, reshape_to=None):
+    b = GraphBuilder([1, 5, 4])
+    z = b.node("MatMul", [b.x, b.const(b.rand(4, features))])
+    if spelling == "flatten":
+        z = b.node("Flatten", [z], axis=2)
+    else:
+        z = b.node("Reshape", [z, b.const(np.array(reshape_to or [-1, features], np.int64))])
+    y = b.bn(z, (reshape_to or [-1, features])[1])  # BN over the last axis of the reshaped tensor
+    return b.build(b.node("Reshape", [y, b.const(np.array([1, 5, -1], np.int64))]))
+
+
+@pytest.mark.parametrize("spelling, shape", [("flatten", None), ("reshape", [-1, 6]), ("reshape", [5, 6])])
+def test_linear_batchnorm_folds(spelling, shape):
+    model = linear_bn(spelling, reshape_to=shape)
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert "BatchNormalization" not in ops(out)
+    assert ops(out)["MatMul"] == 1 and ops(out)["Add"] == 1
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 5, 4)).astype(np.float32)}
+    assert_equal_per_channel(model, out, feeds)
+
+
+def test_reshape_that_moves_the_feature_axis_stays():
+    # [1, 5, 6] -> [10, 3]: BN's channels are no longer the MatMul's features
+    model = linear_bn("reshape", reshape_to=[10, 3])
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == ops(model)
