@@ -19,9 +19,11 @@ import traceback
 from typing import Dict, List, Optional
 
 
-from . import __version__, modelio
+import onnxruntime as ort
+
+from . import __version__, modelio, runtime
 from .core import optimize
-from .errors import OnnxrepError, UsageError, VerificationError
+from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .rules import DEFAULT_RULES
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -217,8 +219,17 @@ def _stdout_bytes():
     return stream
 
 
+def _line(text: str) -> str:
+    """``text`` as one printable line: line breaks and other control characters in names a
+    model chose are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # onnxrep's own sessions are silent (modelio.session); onnx-graphsurgeon's constant folding
+    # builds its sessions with default options, which follow this process-wide logger.
+    ort.set_default_logger_severity(runtime.QUIET)
     output = args.output or default_output(args.input)
     with _sigterm_interrupts():
         return _run(args, output)
@@ -270,10 +281,10 @@ def _run(args, output: str) -> int:
             print(report.summary(verbose=args.verbose), file=summary_stream)
         return EXIT_OK
     except VerificationError as exc:
-        print(f"onnxrep: error: {exc}", file=sys.stderr)
+        print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
         return EXIT_VERIFY
     except OnnxrepError as exc:
-        print(f"onnxrep: error: {exc}", file=sys.stderr)
+        print(_line(f"onnxrep: error: {exc}"), file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
@@ -281,12 +292,16 @@ def _run(args, output: str) -> int:
         done = f"after writing {', '.join(changed)}" if changed else "nothing written"
         print(f"onnxrep: interrupted ({'SIGTERM' if terminated else 'SIGINT'}); {done}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    except MemoryError as exc:  # sizes a model declares (absurd dims) are the usual cause
+        changed = [p for p in targets if _identity(p) != before[p]]
+        done = f"after writing {', '.join(changed)}" if changed else "nothing written"
+        print(_line(f"onnxrep: error: {args.input}: out of memory ({first_line(exc)}); {done}"), file=sys.stderr)
+        return EXIT_INPUT
     except Exception as exc:  # a bug: still one line, traceback only with -v
         if args.verbose:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"onnxrep: internal error on {args.input}: {type(exc).__name__}: {first} (nothing written; -v shows the traceback)",
-              file=sys.stderr)
+        print(_line(f"onnxrep: internal error on {args.input}: {type(exc).__name__}: {first_line(exc)} "
+                    "(nothing written; -v shows the traceback)"), file=sys.stderr)
         return EXIT_INTERNAL
 
 

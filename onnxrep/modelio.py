@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import set_external_data
 
+from . import runtime
 from .errors import OnnxrepError
 
 #: Above this many bytes of tensor data a model is written and run with external data.
@@ -530,11 +531,16 @@ def write_text(path: str, text: str) -> None:
 
 
 def session(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model of any size."""
+    """An onnxruntime CPU session for a model of any size.
+
+    Silent whatever ``options`` say (their log severity is set to fatal-only): onnxruntime's
+    errors reach the caller as exceptions reduced to one readable line, at creation and from
+    ``run`` alike (see :mod:`onnxrep.runtime`).
+    """
     providers = ["CPUExecutionProvider"]
     if not needs_external_data(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return runtime.open_session(model.SerializeToString(), options, providers)
     with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         save(model, path, True)
-        return ort.InferenceSession(path, options, providers=providers)
+        return runtime.open_session(path, options, providers)

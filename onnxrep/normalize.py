@@ -26,6 +26,7 @@ from onnx import helper, shape_inference
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from . import inputs
 from .errors import OnnxrepError, first_line
 from .modelio import uses_external_data
 
@@ -49,10 +50,12 @@ def quiet_graphsurgeon():
         G_LOGGER.severity = before
 
 
-def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
+def load_model(path: str, warnings: Optional[List[str]] = None) -> Tuple[onnx.ModelProto, bool]:
     """Read an ONNX file, external data included, with a one-line error for anything else.
 
-    Returns the model and whether its tensors were stored as external data.
+    Returns the model and whether its tensors were stored as external data. Sparse
+    initializers are made dense (onnx-graphsurgeon and the rules read dense tensors only); a
+    sentence saying so is appended to ``warnings`` when given, for the caller's report.
     """
     if not os.path.exists(path):
         raise OnnxrepError(f"{path}: no such file")
@@ -62,18 +65,31 @@ def load_model(path: str) -> Tuple[onnx.ModelProto, bool]:
         raise OnnxrepError(f"{path}: empty file")
     try:
         model = onnx.load(path, load_external_data=False)
-        external = uses_external_data(model)
-        if external:
-            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf raises several types for garbage input
         raise OnnxrepError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no graph)")
+    inputs.check_text(model, path)
+    external = uses_external_data(model)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as exc:
+            raise OnnxrepError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    model, note = inputs.densify(model, path, in_place=True)
+    if note and warnings is not None:
+        warnings.append(note)
     return model, external
 
 
 def validate(model: onnx.ModelProto, label: str) -> None:
-    """Reject models onnxrep cannot handle faithfully, naming the file and node."""
+    """Reject models onnxrep cannot handle faithfully, naming the file and node.
+
+    Besides the checks here, :func:`onnxrep.inputs.check_model` rejects what onnx-graphsurgeon,
+    onnxruntime or the rules would choke on (invalid text, types or tensor data, dangling or
+    duplicated tensors, cycles, ops unknown at the model's opset, schema violations).
+    """
+    inputs.check_text(model, label)
     opset = default_opset(model)
     if opset is None:
         raise OnnxrepError(f"{label}: model imports no default-domain opset")
@@ -87,6 +103,7 @@ def validate(model: onnx.ModelProto, label: str) -> None:
                         f"{label}: node '{node.name}': BatchNormalization has training_mode=1; "
                         "export the model in eval() mode"
                     )
+    inputs.check_model(model, label, opset)
 
 
 def default_opset(model: onnx.ModelProto) -> Optional[int]:
@@ -105,6 +122,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     (Shape of a tensor whose declared size is static) can bake a size into a model whose
     input dims are dynamic.
     """
+    model, _ = inputs.densify(model, "<model>")  # a ModelProto given to optimize() is never modified
     graph = gs.import_onnx(model)
     forget_declared_shapes(graph)
     infer_shapes(graph)
