@@ -12,6 +12,7 @@ import onnx
 
 from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .graph import RepGraph
+from .inputs import densify
 from .modelio import needs_external_data
 from .normalize import (export, import_graph, load_model, normalize, quiet_graphsurgeon, resolve_input_shapes,
                         tensor_shapes, validate)
@@ -81,19 +82,23 @@ class _Options:
 def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
     t0 = time.perf_counter()
     external = False
+    notes: list = []
     if isinstance(model, (str, os.PathLike)):
         label = os.fspath(model)
-        original, external = load_model(label)
+        original, external = load_model(label, notes)
     elif isinstance(model, (bytes, bytearray)):
         label, original = "<bytes>", _parse(bytes(model))
     elif isinstance(model, onnx.ModelProto):
         label, original = "<model>", model
     else:
         raise UsageError(f"optimize() takes a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
+    original, note = densify(original, label)  # a copy when there is anything to densify
+    notes += [note] if note else []
     validate(original, label)
     rules = select_rules(o.only, o.skip)
     shapes = resolve_input_shapes(original, o.input_shapes, label)
     report = Report(input=label, input_shapes=shapes, external_data=external or needs_external_data(original))
+    report.warnings.extend(notes)
     overridable = {i.name for i in original.graph.initializer} & {i.name for i in original.graph.input}
     if overridable:
         report.warnings.append(

@@ -420,6 +420,7 @@ def test_sparse_initializers_are_densified_verified_and_correct(tmp_path):
     rc, stdout, err = run_cli(path, "-o", out)
     assert rc == 0, err
     assert "verified" in stdout
+    assert "warning: 2 sparse initializer(s)" in stdout  # the report says what was changed
     result = onnx.load(out)
     assert not result.graph.sparse_initializer
     assert ops(result)["Conv"] == 1
@@ -437,6 +438,7 @@ def test_sparse_model_given_as_proto_is_not_modified():
     out, report = onnxrep.optimize(model)
     assert model.SerializeToString() == before
     assert report.verification.ok and ops(out)["Conv"] == 1
+    assert any("sparse initializer" in w for w in report.warnings)
     assert_same_outputs(model, out)
 
 
