@@ -72,17 +72,22 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _graph_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Initializers of ``graph`` and of the bodies of its If/Loop/Scan nodes (what onnx.save
-    moves to external data)."""
-    yield from graph.initializer
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and, recursively, the bodies of its If/Loop/Scan nodes."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_initializers(attr.g)
+                yield from graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graph_initializers(g)
+                    yield from graphs(g)
+
+
+def _graph_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of ``graph`` and of its bodies (what onnx.save moves to external data)."""
+    for g in graphs(graph):
+        yield from g.initializer
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

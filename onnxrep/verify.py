@@ -218,14 +218,7 @@ def computation_dtype(model: onnx.ModelProto) -> str:
 
 
 def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
+    return (node for g in modelio.graphs(graph) for node in g.node)
 
 
 def default_tolerances(model: onnx.ModelProto) -> Tuple[float, float]:

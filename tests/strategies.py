@@ -640,3 +640,24 @@ def describe(spec: ModelSpec) -> str:
         lines.append(f"  block {i}: {block.join} stride {block.stride}{how}{' +relu' if block.relu else ''}: "
                      + ", ".join(parts))
     return "\n".join(lines)
+
+
+def runnable_model(spec: "ModelSpec") -> onnx.ModelProto:
+    """The spec's model; a draw that is not a valid, runnable model is rejected (hypothesis
+    ``assume``). An AssertionError is the generator's own shape bookkeeping failing: a bug in
+    this module, not a bad draw, so it propagates."""
+    from hypothesis import assume, note
+
+    from helpers import random_feeds, run
+
+    note(describe(spec))
+    try:
+        model = build_model(spec)
+        onnx.checker.check_model(model, full_check=True)
+        run(model, random_feeds(model))
+    except AssertionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an invalid draw
+        note(f"rejected draw: {exc}")
+        assume(False)
+    return model

@@ -34,11 +34,11 @@ from collections import Counter
 
 import onnx
 import pytest
-from hypothesis import HealthCheck, Phase, assume, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 
 import onnxrep
-from helpers import assert_same_outputs, ops, random_feeds, run
-from strategies import build_model, describe, linear_model_specs, model_specs
+from helpers import assert_same_outputs, ops
+from strategies import linear_model_specs, model_specs, runnable_model
 
 PROFILE = os.environ.get("ONNXREP_PROPERTY_PROFILE", "ci")
 _DEFAULT_EXAMPLES = {"ci": 25, "thorough": 300}
@@ -61,21 +61,6 @@ settings.register_profile("onnxrep-thorough", max_examples=EXAMPLES, **_COMMON)
 PROPERTY = settings(settings.get_profile(f"onnxrep-{PROFILE}"))
 
 
-def _model(spec) -> onnx.ModelProto:
-    """The spec's model; a draw that is not a valid, runnable model is rejected."""
-    note(describe(spec))
-    try:
-        model = build_model(spec)
-        onnx.checker.check_model(model, full_check=True)
-        run(model, random_feeds(model))
-    except AssertionError:
-        raise  # the generator's own shape bookkeeping: a bug in strategies.py, not a bad draw
-    except Exception as exc:  # noqa: BLE001 - any checker / runtime refusal means an invalid draw
-        note(f"rejected draw: {exc}")
-        assume(False)
-    return model
-
-
 def _summary(report) -> str:
     return report.summary(verbose=True) if report is not None else "(no report)"
 
@@ -93,7 +78,7 @@ def _optimize(model):
 @PROPERTY
 @given(spec=model_specs())
 def test_outputs_equal_or_clean_refusal(spec):
-    model = _model(spec)
+    model = runnable_model(spec)
     out, report = _optimize(model)
     if out is None:
         note(f"declined cleanly: {report}")
@@ -113,7 +98,7 @@ def test_outputs_equal_or_clean_refusal(spec):
 @PROPERTY
 @given(spec=model_specs())
 def test_flops_never_grow_by_default(spec):
-    model = _model(spec)
+    model = runnable_model(spec)
     out, report = _optimize(model)
     if out is None:
         return
@@ -147,7 +132,7 @@ def test_linear_aligned_blocks_collapse_to_one_conv_each(spec):
     Every such block equals one conv with the main branch's window and groups, which costs no
     more than the main branch alone, so collapsing it is exact and never raises FLOPs.
     """
-    model = _model(spec)
+    model = runnable_model(spec)
     try:
         out, report = onnxrep.optimize(model)
     except onnxrep.OnnxrepError as exc:

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 import onnxrep
 from helpers import random_feeds, run
 from onnxrep.verify import Verifier
-from strategies import build_model, describe, model_specs
+from strategies import model_specs, runnable_model
 
 PROFILE = os.environ.get("ONNXREP_PROPERTY_PROFILE", "ci")
 EXAMPLES = int(os.environ.get("ONNXREP_PROPERTY_EXAMPLES", str({"ci": 25, "thorough": 300}.get(PROFILE, 25))))
@@ -44,20 +44,6 @@ PROPERTY = settings(
 )
 
 KINDS = ("scale", "tap", "bias")
-
-
-def _model(spec) -> onnx.ModelProto:
-    note(describe(spec))
-    try:
-        model = build_model(spec)
-        onnx.checker.check_model(model, full_check=True)
-        run(model, random_feeds(model))
-    except AssertionError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - an invalid draw, as in test_properties
-        note(f"rejected draw: {exc}")
-        assume(False)
-    return model
 
 
 def _outputs(model: onnx.ModelProto, extra: str):
@@ -105,7 +91,7 @@ def _perturb(model: onnx.ModelProto, conv_name: str, kind: str, channel: int, ch
 @PROPERTY
 @given(spec=model_specs(), data=st.data())
 def test_verifier_rejects_one_wrong_channel_in_a_rewritten_conv(spec, data):
-    model = _model(spec)
+    model = runnable_model(spec)
     try:
         out, report = onnxrep.optimize(model, verify=False)
     except onnxrep.OnnxrepError as exc:
