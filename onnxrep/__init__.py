@@ -6,10 +6,11 @@
     >>> onnxrep.save(model, "model.rep.onnx")   # atomic; external data when large
 """
 
+__version__ = "0.1.0"  # first, so that modules imported below can read it
+
 from .core import optimize
 from .errors import OnnxrepError, UsageError, VerificationError
 from .modelio import save
 from .report import Report
 
-__version__ = "0.1.0"
 __all__ = ["optimize", "save", "Report", "OnnxrepError", "UsageError", "VerificationError", "__version__"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import onnx
 
@@ -36,6 +36,7 @@ def optimize(
     seed: int = 0,
     allow_growth: bool = False,
     rollback: bool = True,
+    progress: Optional[Callable[..., None]] = None,
 ) -> Tuple[onnx.ModelProto, Report]:
     """Re-parameterize a training-structure model into its deploy structure.
 
@@ -55,12 +56,16 @@ def optimize(
             compositions, concat branches padded with zero taps).
         rollback: on a verification failure, find the rewrite responsible, drop it and keep the
             rest; False raises at the first failure.
+        progress: called as ``progress(stage)`` when a stage starts ("normalizing", "rewriting",
+            "verifying", "locating a failing rewrite") and ``progress("rewriting", n)`` after
+            each rewrite; for a progress display (the CLI shows one on a terminal).
 
     Returns:
         (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
         no verified result can be produced.
     """
-    options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback)
+    options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback,
+                       progress or _silent)
     with quiet_graphsurgeon():
         return _optimize(model, options)
 
@@ -77,6 +82,11 @@ class _Options:
     seed: int
     allow_growth: bool
     rollback: bool
+    progress: Callable[..., None]
+
+
+def _silent(stage: str, count: Optional[int] = None) -> None:
+    pass
 
 
 def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
@@ -110,12 +120,15 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
     # Normalize once; every build (the first, and each replay while locating a rewrite
     # that fails verification) starts from a copy of the normalized graph.
     t1 = time.perf_counter()
+    o.progress("normalizing")
     normalized = normalize(import_graph(original))
     known_shapes = tensor_shapes(normalized, original, shapes)  # complete where inference alone is not
 
     def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
         graph = normalized.copy()
-        result = run_to_fixpoint(Context(RepGraph(graph), allow_growth=o.allow_growth), rules, deny, limit)
+        o.progress("rewriting")
+        ctx = Context(RepGraph(graph), allow_growth=o.allow_growth, on_rewrite=lambda n: o.progress("rewriting", n))
+        result = run_to_fixpoint(ctx, rules, deny, limit)
         return export(graph, original), result
 
     candidate, result = build(frozenset())
@@ -123,12 +136,14 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
 
     if o.verify:
         t2 = time.perf_counter()
+        o.progress("verifying")
         verifier = Verifier(original, shapes, label, rtol=o.rtol, atol=o.atol, draws=o.verify_draws, seed=o.seed)
         check = verifier.check(candidate)
         deny: FrozenSet[RewriteKey] = frozenset()
         while not check.ok:
             if not result.rewrites:
                 raise VerificationError(f"{label}: {check.describe()}")
+            o.progress("locating a failing rewrite")
             bad = _locate(build, verifier, deny, result, check, label)
             if not o.rollback:
                 raise VerificationError(

@@ -32,7 +32,7 @@ traced to one rewrite and rolled back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,6 +96,8 @@ class Context:
     allow_growth: bool = False
     #: Rules may remember expensive results here (e.g. regions already probed and declined).
     memo: Dict[Any, Any] = field(default_factory=dict)
+    #: Called with the number of rewrites so far after each one (a progress display).
+    on_rewrite: Optional[Callable[[int], None]] = None
 
 
 class Rule:
@@ -199,6 +201,8 @@ def run_to_fixpoint(
                     declined[key] = done
                     continue
                 result.rewrites.append(done)
+                if ctx.on_rewrite is not None:
+                    ctx.on_rewrite(len(result.rewrites))
                 declined.pop(key, None)
                 changed = True
                 break

@@ -344,7 +344,6 @@ BAD_INPUTS = {
     "shape_rank": Bad(make_good, ("rank 3",), ("--input-shape", "input=1,3,16")),
     "shape_fixed_axis": Bad(make_good, ("axis 1",), ("--input-shape", "input=1,4,16,16")),
     "shape_unknown_input": Bad(make_good, ("unknown input", "images"), ("--input-shape", "images=1,3,16,16")),
-    "verify_draws_zero": Bad(make_good, ("--verify-draws",), ("--verify-draws", "0")),
 }
 
 
@@ -360,7 +359,8 @@ def test_bad_input(case: Bad, tmp_path):
 
 
 def test_bad_option_is_one_line(repvgg, tmp_path):
-    for args in ([], [repvgg, "--verify-draws", "many"], [repvgg, "--no-such-option"]):
+    for args in ([], [repvgg, "--verify-draws", "many"], [repvgg, "--no-such-option"], [repvgg, "--verify-draws", "0"],
+                 [repvgg, "--rtol", "-1"], [repvgg, "--rtol", "nan"], [repvgg, "--atol", "-0.1"], [repvgg, "-q", "-v"]):
         r = _raw(args, subprocess_run=False)
         assert r.rc == 2
         assert_one_line_error(r, "--help")
@@ -458,4 +458,7 @@ def test_failing_rewrite_without_rollback(broken, tmp_path):
     assert r.rc == 1
     assert_one_line_error(r, str(model), rule, "fails verification", "node '")
     assert f"node '{anchors[0]}'" in r.err
-    assert files(tmp_path) == before
+    assert files(tmp_path) == sorted(before + ["r.json"])  # no model; the report says why
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "verification_failed" and data["output"] is None
+    assert rule in data["error"] and data["schema_version"] == 1

@@ -44,3 +44,14 @@ def test_failing_rewrite_is_located_from_the_divergence_without_bisection(groupe
     assert report.verification.ok
     assert ops(out)["Conv"] == 7  # five blocks merged, the rolled-back one keeps its two convs
     assert_equal_per_channel(model, out, random_feeds(model))
+
+
+def test_a_run_whose_every_rewrite_was_rolled_back_says_so(monkeypatch):
+    real = parallel_add.merge_parallel
+    monkeypatch.setattr(parallel_add, "merge_parallel", lambda *a, **k: replace(real(*a, **k), bias=real(*a, **k).bias + 1))
+    model = _chain(1, grouped=-1)
+    out, report = onnxrep.optimize(model, only="merge_parallel_add")
+    assert report.rewrites == [] and [r.rule for r in report.rolled_back] == ["merge_parallel_add"]
+    assert report.status == "unchanged" and report.to_dict()["status"] == "unchanged"
+    assert "every rewrite failed verification and was rolled back" in report.summary()
+    assert ops(out) == ops(model)

@@ -574,7 +574,8 @@ def test_large_model_to_a_device_is_refused(plain_input, null_device, monkeypatc
     rc, out, err = run_main(plain_input, "-o", null_device, "--report", plain_input.parent / "r.json")
     assert rc == 2
     assert_one_line(err, str(null_device), "external data")
-    assert not (plain_input.parent / "r.json").exists()
+    report = json.loads((plain_input.parent / "r.json").read_text())  # the report says why
+    assert report["status"] == "error" and "external data" in report["error"] and report["output"] is None
 
 
 def _read_fifo(path: Path, into: list) -> threading.Thread:
