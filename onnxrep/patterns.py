@@ -20,7 +20,7 @@ import numpy as np
 from .errors import Decline
 from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, static_shape
 from .cost import layer_output_flops
-from .kernels import ConvParams, affine_after_conv, compose_sequential, merge_parallel
+from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
 #: Ops that join parallel branches by a signed sum.
@@ -37,17 +37,25 @@ class Leaf:
     conv: Optional[ConvParams] = None  # affine chain already folded in
     scale: Optional[np.ndarray] = None  # for a diagonal (identity / BN-only) leaf
     shift: Optional[np.ndarray] = None
+    #: for a Gemm / MatMul leaf on rank-2 features: (W[K, M], b[M]) with the affine chain folded in
+    linear: Optional[tuple] = None
 
     @property
     def kind(self) -> str:
         if self.conv is not None:
             kh, kw = self.conv.kernel_shape
             return f"conv{kh}x{kw}"
+        if self.linear is not None:
+            return "linear"
         return "bn" if self.nodes else "identity"
 
     @property
     def conv_node(self):
         return next((n for n in self.nodes if n.op == "Conv"), None)
+
+    @property
+    def layer_node(self):
+        return next((n for n in self.nodes if n.op in ("Conv", "Gemm", "MatMul")), None)
 
 
 def same_shape(a, b) -> bool:
@@ -104,6 +112,16 @@ def read_leaf(g: RepGraph, t, sign: float = 1.0) -> Leaf:
             if p.out_channels != channels:
                 break
             return Leaf(t, node.inputs[0], nodes + [node], conv=affine_after_conv(p, scale, shift))
+        if node.op in ("Gemm", "MatMul") and channels is not None and len(static_shape(cur) or ()) == 2 \
+                and len(static_shape(node.inputs[0]) or ()) == 2 and int(node.attrs.get("transA", 0)) == 0:
+            try:
+                w, b = g.read_matmul(node)
+            except Decline:
+                break
+            if w.shape[1] != channels:
+                break
+            w, b = affine_after_matmul(w, b, scale, shift)
+            return Leaf(t, node.inputs[0], nodes + [node], linear=(w, b))
         affine = g.read_channel_affine(node)
         if affine is None or channels is None or len(affine[1]) != channels:
             break

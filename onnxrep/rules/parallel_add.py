@@ -42,8 +42,19 @@ from ..patterns import JOINS, Leaf, flatten_add, read_leaf, same_shape
 class Merge:
     base: object
     leaves: List[Leaf]
-    params: ConvParams
+    params: Optional[ConvParams]  # the merged conv, or
     dtype: object
+    linear: Optional[tuple] = None  # the merged Gemm: (W[K, M], b[M])
+
+    @property
+    def out_channels(self) -> int:
+        return self.params.out_channels if self.params is not None else self.linear[0].shape[1]
+
+    def add_bias(self, vec) -> None:
+        if self.params is not None:
+            self.params = replace(self.params, bias=self.params.bias + vec)
+        else:
+            self.linear = (self.linear[0], self.linear[1] + vec)
 
 
 @dataclass
@@ -86,28 +97,32 @@ class MergeParallelAdd(Rule):
         constants = [(t, sign) for t, sign in operands if const_value(t) is not None]
         merges, reasons = [], []
         for members in groups.values():
-            if len(members) < 2 or all(m.conv is None for m in members):
-                continue
+            convs = [m for m in members if m.linear is None]  # conv and identity/BN-only leaves
+            linears = [m for m in members if m.conv is None]  # Gemm/MatMul and identity/BN-only leaves
             try:
-                merges.append(_merge(ctx, members))
+                if len(convs) >= 2 and any(m.conv is not None for m in convs):
+                    merges.append(_merge(ctx, convs))
+                elif len(linears) >= 2 and any(m.linear is not None for m in linears):
+                    merges.append(_merge_linear(linears))
             except Decline as exc:
                 reasons.append(f"branches on '{members[0].base.name}': {exc}")
         if not merges:
             if reasons:
                 raise Decline("; ".join(reasons))
             names = sorted({leaf.base.name if leaf.base is not None else leaf.tensor.name for leaf in leaves})
-            raise Decline(f"no two branches share an input with a conv among them (inputs: {', '.join(names)})")
+            raise Decline(f"no two branches share an input with a conv or linear layer among them "
+                          f"(inputs: {', '.join(names)})")
         merged_ids = {id(leaf) for m in merges for leaf in m.leaves}
         rest = [(leaf.tensor, signs[id(leaf)]) for leaf in leaves
                 if id(leaf) not in merged_ids and const_value(leaf.tensor) is None]
         # Constant leaves join the first merged conv's bias when they are per-channel.
         first = merges[0]
         for c, sign in constants:
-            vec = per_channel(const_value(c), first.params.out_channels, len(static_shape(out) or ()))
+            vec = per_channel(const_value(c), first.out_channels, len(static_shape(out) or ()))
             if vec is None:
                 rest.append((c, sign))
             else:
-                first.params = replace(first.params, bias=first.params.bias + sign * vec)
+                first.add_bias(sign * vec)
         m = AddMatch(node, adds, merges, rest)
         reason = g.escapes(m.removes, keep=[out])
         if reason:
@@ -123,7 +138,13 @@ class MergeParallelAdd(Rule):
         only = len(m.merges) == 1 and not m.rest
         for mg in m.merges:
             y = out if only else g.variable(f"{m.root.name}.merged", out)
-            created.append(g.write_conv(f"{m.root.name}.conv", mg.params, mg.base, y, mg.dtype).name)
+            if mg.params is not None:
+                created.append(g.write_conv(f"{m.root.name}.conv", mg.params, mg.base, y, mg.dtype).name)
+            else:
+                w, b = mg.linear
+                created.append(g.add_node("Gemm", f"{m.root.name}.gemm", [
+                    mg.base, g.constant(f"{m.root.name}.weight", w, mg.dtype), g.constant(f"{m.root.name}.bias", b, mg.dtype)],
+                    [y]).name)
             terms.append(y)
         terms = [(t, 1.0) for t in terms] + list(m.rest)  # merged convs carry their signs
         acc = terms[0][0]
@@ -132,7 +153,8 @@ class MergeParallelAdd(Rule):
             created.append(g.add_node("Add" if sign > 0 else "Sub", m.root.name, [acc, t], [y]).name)
             acc = y
         detail = "; ".join(
-            "+".join(leaf.kind for leaf in mg.leaves) + f" -> conv{mg.params.kernel_shape[0]}x{mg.params.kernel_shape[1]}"
+            "+".join(leaf.kind for leaf in mg.leaves)
+            + (f" -> conv{mg.params.kernel_shape[0]}x{mg.params.kernel_shape[1]}" if mg.params is not None else " -> Gemm")
             for mg in m.merges
         )
         return Rewrite(self.name, m.root.name, tuple(replaced), tuple(created), detail, flops=m.flops)
@@ -149,8 +171,29 @@ def _predicted_flops(g, m: AddMatch, out) -> Optional[tuple]:
         return None
     outputs = int(np.prod(shape[1:]))
     terms = len(m.merges) + len(m.rest)
+    if any(mg.params is None for mg in m.merges):
+        return None
     after = sum(conv_flops(mg.params, hw) for mg in m.merges) + (terms - 1) * elementwise_flops("Add", outputs)
     return before, after
+
+
+def _merge_linear(leaves: List[Leaf]) -> Merge:
+    """Gemm/MatMul leaves (and identity / per-feature leaves) of one rank-2 input summed:
+    x @ (sum W_i) + sum b_i, an identity-like leaf adding diag(scale) and its shift."""
+    first = next(leaf for leaf in leaves if leaf.linear is not None)
+    k, m = first.linear[0].shape
+    w, b = np.zeros((k, m)), np.zeros(m)
+    for leaf in leaves:
+        if leaf.linear is not None:
+            if leaf.linear[0].shape != (k, m):
+                raise Decline(f"linear branches of shapes {first.linear[0].shape} and {leaf.linear[0].shape}")
+            w, b = w + leaf.linear[0], b + leaf.linear[1]
+        else:
+            if k != m or len(leaf.scale) != m:
+                raise Decline(f"an identity branch next to a {k}x{m} linear layer")
+            w, b = w + np.diag(leaf.scale), b + leaf.shift
+    dtype = first.layer_node.inputs[1].values.dtype
+    return Merge(first.base, leaves, None, dtype, linear=(w, b))
 
 
 def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:
