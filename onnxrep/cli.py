@@ -54,7 +54,7 @@ def _positive(kind, zero: bool = False):
 
 
 def _parser() -> argparse.ArgumentParser:
-    rules = "\n".join(f"  {r.name:24s} {r.summary}" for r in DEFAULT_RULES)
+    rules = "\n".join(f"  {r.name:28s} {r.summary}" for r in DEFAULT_RULES)
     p = _Parser(
         prog="onnxrep",
         description="Re-parameterize a training-structure ONNX model into its deploy structure, "
@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
     p.add_argument("--only", action="append", default=[], metavar="RULE", help="run only this rule (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="RULE", help="do not run this rule (repeatable)")
+    p.add_argument("--enable", action="append", default=[], metavar="RULE",
+                   help="also run this rule that is off by default (repeatable): merge_horizontal_convs")
     p.add_argument(
         "--allow-growth", action="store_true",
         help="also apply rewrites that raise MACs (misaligned branches, 1x1 -> depthwise compositions, "
@@ -325,6 +327,7 @@ def _run(args, output: str) -> int:
             atol=args.atol,
             only=args.only,
             skip=args.skip,
+            enable=args.enable,
             verify=not args.no_verify,
             verify_draws=args.verify_draws,
             seed=args.seed,

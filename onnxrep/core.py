@@ -31,6 +31,7 @@ def optimize(
     atol: Optional[float] = None,
     only: Optional[Iterable[str]] = None,
     skip: Optional[Iterable[str]] = None,
+    enable: Optional[Iterable[str]] = None,
     verify: bool = True,
     verify_draws: int = 5,
     seed: int = 0,
@@ -49,6 +50,7 @@ def optimize(
             the model's computation dtype.
         only, skip: a rule name or several, to restrict to / leave out
             (``onnxrep.rules.DEFAULT_RULES`` lists them).
+        enable: rules that are off by default to turn on (``merge_horizontal_convs``).
         verify: compare with the original in onnxruntime; False returns an unverified model.
         verify_draws: number of random input draws compared.
         seed: seed of the random verification inputs (runs are reproducible).
@@ -64,7 +66,7 @@ def optimize(
         (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
         no verified result can be produced.
     """
-    options = _Options(input_shapes, rtol, atol, only, skip, verify, verify_draws, seed, allow_growth, rollback,
+    options = _Options(input_shapes, rtol, atol, only, skip, enable, verify, verify_draws, seed, allow_growth, rollback,
                        progress or _silent)
     with quiet_graphsurgeon():
         return _optimize(model, options)
@@ -77,6 +79,7 @@ class _Options:
     atol: Optional[float]
     only: Optional[Iterable[str]]
     skip: Optional[Iterable[str]]
+    enable: Optional[Iterable[str]]
     verify: bool
     verify_draws: int
     seed: int
@@ -105,7 +108,7 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
     original, note = densify(original, label)  # a copy when there is anything to densify
     notes += [note] if note else []
     validate(original, label)
-    rules = select_rules(o.only, o.skip)
+    rules = select_rules(o.only, o.skip, o.enable)
     shapes = resolve_input_shapes(original, o.input_shapes, label)
     report = Report(input=label, input_shapes=shapes, external_data=external or needs_external_data(original))
     report.warnings.extend(notes)

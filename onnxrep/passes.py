@@ -109,6 +109,9 @@ class Rule:
     #: Late rules (horizontal merging, the affine-region fallback) only run once the other
     #: rules have reached their fixpoint, so they never pre-empt a more specific rewrite.
     late: bool = False
+    #: Off by default (``enable`` / ``--enable`` or ``only`` turn it on): a rewrite whose benefit
+    #: depends on the runtime (e.g. one conv + Split is slower than separate convs on one CPU thread).
+    default: bool = True
 
     def match(self, ctx: Context, node) -> Optional[Match]:  # pragma: no cover - interface
         raise NotImplementedError

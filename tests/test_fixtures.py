@@ -93,3 +93,16 @@ def test_dbb_pad_sub_add_spelling_needs_no_fallback(entry):
     assert ops(out)["Conv"] == entry["expected_conv"]
     assert {"fold_border_pad_into_conv", "compose_sequential_convs"} <= set(report.rules_applied())
     assert_same_outputs(onnx.load(path), out)
+
+
+HORIZONTAL = [e for e in EXTENDED if "expected_conv_enable_horizontal" in e]
+
+
+@pytest.mark.parametrize("entry", HORIZONTAL, ids=[e["file"] for e in HORIZONTAL])
+def test_horizontal_merge_only_when_enabled(entry):
+    path = os.path.join(MODELS, entry["file"])
+    out, report = onnxrep.optimize(path, enable="merge_horizontal_convs")
+    assert not report.rolled_back, report.rolled_back
+    assert ops(out)["Conv"] == entry["expected_conv_enable_horizontal"], entry["expected_note"]
+    assert ops(out)["Split"] == 1 and report.after.flops <= report.before.flops
+    assert_same_outputs(onnx.load(path), out)

@@ -5,7 +5,7 @@ Each module's docstring states the pattern before and after and the formula it r
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Tuple
 
 from ..errors import UsageError
 from ..passes import Rule
@@ -21,8 +21,8 @@ from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
 from .sequential import ComposeSequentialConvs
 
-#: Rules run by default, in this order within each pass (an explicit tuple: no registration
-#: by import side effects).
+#: Every rule, in the order they run within each pass (an explicit tuple: no registration by
+#: import side effects). Those with ``default = False`` run only when enabled.
 DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldPadIntoConv(),
     FoldBorderPadIntoConv(),
@@ -41,12 +41,12 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
 RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}
 
 
-def select_rules(only: Optional[Iterable[str]] = None, skip: Optional[Iterable[str]] = None) -> Tuple[Rule, ...]:
-    """The default rules filtered by ``only`` / ``skip`` names (one name or several); unknown
-    names are an error."""
-    only = [only] if isinstance(only, str) else list(only or ())
-    skip = [skip] if isinstance(skip, str) else list(skip or ())
-    for name in only + skip:
+def select_rules(only=None, skip=None, enable=None) -> Tuple[Rule, ...]:
+    """The rules to run, in order: those on by default plus ``enable``, or exactly ``only``;
+    minus ``skip``. Each takes one name or several; unknown names are an error."""
+    only, skip, enable = ([x] if isinstance(x, str) else list(x or ()) for x in (only, skip, enable))
+    for name in only + skip + enable:
         if name not in RULES_BY_NAME:
             raise UsageError(f"unknown rule '{name}' (known: {', '.join(RULES_BY_NAME)})")
-    return tuple(r for r in DEFAULT_RULES if (not only or r.name in only) and r.name not in skip)
+    chosen = (lambda r: r.name in only) if only else (lambda r: r.default or r.name in enable)
+    return tuple(r for r in DEFAULT_RULES if chosen(r) and r.name not in skip)

@@ -148,8 +148,11 @@ class HorizontalMatch(Match):
 class MergeHorizontalConvs(Rule):
     name = "merge_horizontal_convs"
     ops = ("Conv",)
-    summary = "3+ convs with identical windows on one input -> one Conv + Split"
+    summary = "3+ convs with identical windows on one input -> one Conv + Split (off by default: --enable)"
     late = True
+    #: One conv + Split measured slower than the separate convs in onnxruntime on one CPU thread
+    #: (inception_v3: 1.041x with it, 0.998x without, BENCHMARKS.md).
+    default = False
     min_convs = 3
 
     def match(self, ctx: Context, node):
