@@ -87,3 +87,20 @@ def test_whole_pipeline_prefers_folding_into_the_conv_before():
     assert report.rules_applied().get("fold_bn_into_conv") == 1
     assert ops(out)["BatchNormalization"] == 0
     assert_equal_per_channel(model, out, feeds([1, 4, 6, 6]))
+
+
+def test_bn_read_inside_an_if_body_stays():
+    import onnx
+    from onnx import helper
+
+    b = GraphBuilder([1, 4, 6, 6])
+    t = b.bn(b.x, 4)
+    body = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Neg", [t], [f"{name}_y"])], name, [], [helper.make_tensor_value_info(f"{name}_y", 1, None)])
+    b.inputs.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    branch = b.node("If", ["cond"], then_branch=body("then"), else_branch=body("else"))
+    model = b.build(b.add(b.conv(t, 4, 4, k=1, pad=0), branch), output_shape=[1, 4, 6, 6])
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out)["BatchNormalization"] == 1 and report.rewrites == []
+    for cond in (True, False):
+        assert_equal_per_channel(model, out, {**feeds([1, 4, 6, 6]), "cond": np.array(cond)})
