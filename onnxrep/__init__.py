@@ -8,6 +8,12 @@
 
 __version__ = "0.1.0"  # first, so that modules imported below can read it
 
+import importlib.util
+
+if importlib.util.find_spec("onnxruntime") is None:  # any build: onnxruntime, -gpu, -directml, -openvino
+    raise ImportError("onnxrep needs an onnxruntime build: pip install 'onnxrep[cpu]' "
+                      "(or onnxrep[gpu], onnxrep[directml], onnxrep[openvino])")
+
 from .core import optimize
 from .errors import OnnxrepError, UsageError, VerificationError
 from .modelio import save
