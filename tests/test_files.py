@@ -123,9 +123,16 @@ def run_main(*args) -> tuple:
     return rc, out.getvalue(), err.getvalue()
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a user's terminal gives them, even when the test run
+    itself was started with them ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def onnxrep_process(*args, cwd=ROOT, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "onnxrep", *map(str, args)], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals, **kwargs)
 
 
 def assert_one_line(err: str, *needles: str) -> None:
