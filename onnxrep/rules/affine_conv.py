@@ -52,9 +52,6 @@ class FoldAffineIntoConv(Rule):
         conv = producer(x)
         if conv is None or conv.op not in ("Conv", "Gemm", "MatMul"):
             return None
-        reason = g.escapes([conv, node], keep=node.outputs)
-        if reason:
-            raise Decline(f"{conv.op} '{conv.name}' output escapes: {reason}")
         if conv.op != "Conv":  # y = x @ W + b over rank-2 features: the channel axis is the feature axis
             if len(static_shape(x) or ()) != 2 or len(static_shape(conv.inputs[0]) or ()) != 2:
                 return None

@@ -58,9 +58,6 @@ class FoldBnIntoConv(Rule):
         if layer is None or layer.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             return None
         scale, shift = g.read_batchnorm(node)
-        reason = g.escapes([layer, node], keep=node.outputs[:1])
-        if reason:
-            raise Decline(f"{layer.op} '{layer.name}' output escapes: {reason}")
         m = BnMatch(node, layer, scale, shift, layer.inputs[0], node.outputs[0], None)
         if layer.op == "Conv":
             m.conv = g.read_conv(layer)
