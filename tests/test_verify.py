@@ -335,12 +335,18 @@ def test_candidate_that_fails_to_run_at_the_second_shape_fails_without_a_diverge
 # ---- tensor by tensor --------------------------------------------------------------------
 
 
-def test_error_attenuated_by_later_layers_is_caught_where_it_arises():
+def _attenuated_error():
+    """(model, wrong, first conv): channel 2 of the first conv 1 % off, an error the second
+    layer shrinks until it is invisible at the output."""
     model = two_layer(attenuate=2)
     c1 = conv_node(model, 0)
     w = initializer(model, c1.input[1])
     w[2] *= 1.01
-    wrong = with_initializer(model, c1.input[1], w)
+    return model, with_initializer(model, c1.input[1], w), c1
+
+
+def test_error_attenuated_by_later_layers_is_caught_where_it_arises():
+    model, wrong, c1 = _attenuated_error()
     outputs_only = verify(model, wrong, compare_tensors=False)
     assert outputs_only.ok  # at the output the error is ~1e-8 of it
     result = verify(model, wrong)
@@ -365,11 +371,7 @@ def test_first_divergence_is_the_earliest_in_the_candidates_node_order():
 
 
 def test_tensor_budget_limits_the_intermediates_compared_not_the_outputs():
-    model = two_layer(attenuate=2)
-    c1 = conv_node(model, 0)
-    w = initializer(model, c1.input[1])
-    w[2] *= 1.01
-    wrong = with_initializer(model, c1.input[1], w)
+    model, wrong, _ = _attenuated_error()
     one = Verifier(model, static_shapes(model), "test", tensor_budget=4 * 256 * 5 + 1)  # room for one tap
     result = one.check(wrong)
     assert result.tensors_compared == 2 and not result.ok
