@@ -18,6 +18,7 @@ by :meth:`RepGraph.compact`, which it calls once per pass.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import Decline
+
+#: Bytes of constants left without a consumer by rewrites after which the cycle collector runs.
+#: onnx-graphsurgeon's tensors and nodes reference themselves (through their input and output
+#: lists), so a replaced weight is not freed when its last reader goes but only when Python's
+#: cycle collector next looks at the generation it has aged into, which on a large model can be
+#: after every rewrite is done: the old and new weights of the whole model would then be in
+#: memory together (docs/architecture.md, "Memory").
+COLLECT_BYTES = 64 << 20
 from .kernels import ConvParams, avgpool_conv, bn_affine
 
 Tensor = Union[gs.Variable, gs.Constant]
@@ -143,6 +152,7 @@ class RepGraph:
                 stack.extend(a for a in node.attrs.values() if isinstance(a, gs.Graph))
         self._output_names = {t.name for t in graph.outputs}
         self._main = {id(n) for n in graph.nodes}
+        self._released = 0  # bytes of constants orphaned since the last collection
 
     # ---- names and construction -----------------------------------------------------
 
@@ -259,7 +269,6 @@ class RepGraph:
                 node.inputs.clear()
                 node.outputs.clear()
             self._check_replacement(new, keep)
-            return result
         except BaseException:
             for node in self.graph.nodes[start:]:
                 node.inputs.clear()
@@ -270,6 +279,12 @@ class RepGraph:
                     node.inputs.extend(inputs)
                     node.outputs.extend(outputs)
             raise
+        self._released += sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+                              for _, inputs, _ in saved for t in inputs if isinstance(t, gs.Constant) and not t.outputs)
+        if self._released >= COLLECT_BYTES:
+            gc.collect()  # see COLLECT_BYTES
+            self._released = 0
+        return result
 
     def _check_replacement(self, new: Sequence[gs.Node], keep: Sequence[Tensor]) -> None:
         ids = {id(n) for n in new}
