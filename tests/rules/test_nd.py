@@ -12,6 +12,8 @@ from onnx import helper, numpy_helper
 
 import onnxrep
 from helpers import GraphBuilder, assert_same_outputs, ops, run
+from onnxrep.cost import conv_flops
+from onnxrep.kernels import ConvParams
 
 SHAPES = {1: [1, 4, 13], 3: [1, 4, 5, 6, 7]}  # odd and different sizes per axis
 NDIMS = sorted(SHAPES)
@@ -329,4 +331,56 @@ def test_default_rules_reach_one_conv_per_block(n):
     assert ops(out) == {"Conv": 2, "Relu": 2}
     assert not report.rolled_back
     assert report.after.flops < report.before.flops
+    assert_same_outputs(model, out)
+
+
+# ---- one cost model (onnxrep.cost) for the rules and the report -------------------------------
+
+
+@pytest.mark.parametrize("n", NDIMS)
+@pytest.mark.parametrize("rule", ["merge_parallel_add", "compose_sequential_convs"])
+def test_predicted_cost_is_the_measured_cost(n, rule):
+    b = GraphBuilder(SHAPES[n])
+    if rule == "merge_parallel_add":
+        y = b.add(conv(b, b.x, 4, 4, (3,) * n, bias=False), conv(b, b.x, 4, 4, (1,) * n), b.x)
+    else:
+        y = conv(b, conv(b, b.x, 4, 8, (3,) * n, strides=(2,) * n), 8, 6, (1,) * n)
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=[rule])
+    assert len(report.rewrites) == 1 and report.rewrites[0].flops is not None, report.rewrites
+    before, after = report.rewrites[0].flops
+    assert before > after
+    assert report.before.flops - report.after.flops == before - after
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("n", NDIMS)
+def test_conv_flops_count_every_axis(n):
+    kernel, out = (3, 2, 5)[:n], (4, 5, 6)[:n]
+    p = ConvParams(weight=np.ones((2, 3) + kernel), bias=np.ones(2))
+    outputs = int(np.prod(out))
+    assert conv_flops(p, out) == 2 * 2 * 3 * int(np.prod(kernel)) * outputs + 2 * outputs
+
+
+# ---- collapse_affine_region probes 2-D images only ---------------------------------------------
+
+
+def test_affine_region_of_1d_convs_is_left_to_the_specific_rules():
+    b = GraphBuilder(SHAPES[1])
+    model = b.build(conv(b, b.node("Neg", [conv(b, b.x, 4, 4, (1,), bias=False)]), 4, 4, (3,)))
+    out, report = onnxrep.optimize(model, only=["collapse_affine_region"])
+    assert ops(out) == ops(model) and not report.declines
+
+
+def test_image_region_through_a_1d_conv_declines_cleanly():
+    # N C H W -> Reshape to N C L -> Conv1d -> Neg -> Reshape back -> Conv2d: an affine region
+    # between 4-D tensors with a 1-D conv inside, which the impulse probes cannot read as an image
+    b = GraphBuilder([1, 4, 8, 8])
+    y = b.node("Reshape", [b.x, b.const(np.array([0, 4, 64], np.int64), "shape")])
+    y = b.node("Neg", [conv(b, y, 4, 4, (3,))])
+    y = b.node("Reshape", [y, b.const(np.array([0, 4, 8, 8], np.int64), "shape")])
+    model = b.build(conv(b, y, 4, 4, (3, 3)))
+    out, report = onnxrep.optimize(model, only=["collapse_affine_region"])
+    assert ops(out) == ops(model)
+    assert "only 2-D regions are probed" in reasons(report)
     assert_same_outputs(model, out)
