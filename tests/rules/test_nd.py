@@ -384,3 +384,45 @@ def test_image_region_through_a_1d_conv_declines_cleanly():
     assert ops(out) == ops(model)
     assert "only 2-D regions are probed" in reasons(report)
     assert_same_outputs(model, out)
+
+
+# ---- merge_parallel_concat, merge_horizontal_convs ---------------------------------------------
+
+CONCAT = ["fold_bn_into_conv", "merge_parallel_concat"]
+
+
+@pytest.mark.parametrize("n", NDIMS)
+def test_depth_concat_of_same_window_branches_is_one_conv(n):
+    b = GraphBuilder(SHAPES[n])
+    y = b.node("Concat", [b.bn(conv(b, b.x, 4, 3, (3,) * n, bias=False), 3),
+                          b.bn(conv(b, b.x, 4, 5, (3,) * n), 5)], axis=1)
+    model = b.build(y)
+    out, _ = onnxrep.optimize(model, only=CONCAT)
+    assert ops(out) == {"Conv": 1}
+    assert conv_weights(out)[0].shape == (8, 4) + (3,) * n
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("n", NDIMS)
+def test_depth_concat_with_a_smaller_kernel_merges_only_with_allow_growth(n):
+    b = GraphBuilder(SHAPES[n])
+    y = b.node("Concat", [conv(b, b.x, 4, 3, (3,) * n), conv(b, b.x, 4, 2, (1,) * n)], axis=1)
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=CONCAT)
+    assert ops(out) == ops(model)
+    assert "allow-growth" in reasons(report)
+    grown, _ = onnxrep.optimize(model, only=CONCAT, allow_growth=True)
+    assert ops(grown) == {"Conv": 1}
+    assert_same_outputs(model, grown)
+
+
+@pytest.mark.parametrize("n", NDIMS)
+def test_horizontal_merge_of_three_same_window_convs(n):
+    b = GraphBuilder(SHAPES[n])
+    ys = [b.node("Relu", [conv(b, b.x, 4, c, (3,) * n)]) for c in (2, 3, 4)]
+    for y in ys[1:]:
+        b.mark_output(y)
+    model = b.build(ys[0])
+    out, _ = onnxrep.optimize(model, only=["merge_horizontal_convs"], enable="merge_horizontal_convs")
+    assert ops(out) == {"Conv": 1, "Split": 1, "Relu": 3}
+    assert_same_outputs(model, out)
