@@ -13,6 +13,8 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import conv2d_ref, convnd_params_ref, convnd_ref, run
@@ -442,3 +444,96 @@ def test_avgpool_conv_matches_onnxruntime(n):
     np.testing.assert_allclose(got, convnd_params_ref(x, p), **ORT_TOL)
     with pytest.raises(Decline, match="count_include_pad"):
         avgpool_conv(4, kernel, strides, pads, count_include_pad=False)
+
+
+# --------------------------------------------------------------------------------------
+# Properties: random geometry per axis, any number of axes
+# --------------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=80, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+
+
+@st.composite
+def parallel_branches(draw):
+    """2-3 branches over n random axes with one stride and, per axis, one output-size slack
+    (so they may be summed at every size), each with its own kernel, dilation and pads."""
+    n = draw(st.sampled_from(NDIMS))
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    slack = tuple(draw(st.integers(-3, 0)) for _ in range(n))
+    branches = []
+    for _ in range(draw(st.integers(2, 3))):
+        kernel = tuple(draw(st.integers(1, 4)) for _ in range(n))
+        dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
+        ext = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil))
+        begin = tuple(draw(st.integers(0, 3)) for _ in range(n))
+        end = tuple(sl + e - b for sl, e, b in zip(slack, ext, begin))
+        assume(min(end) >= 0)
+        seed = draw(st.integers(0, 2**16))
+        rng = np.random.default_rng(seed)
+        branches.append(ConvParams(weight=rng.standard_normal((3, 2) + kernel), bias=rng.standard_normal(3),
+                                   strides=strides, pads=begin + end, dilations=dil))
+    size = tuple(draw(st.integers(max(p.extent[a] for p in branches), 9)) for a in range(n))
+    return branches, size
+
+
+@PROPERTY
+@given(case=parallel_branches(), allow_growth=st.booleans())
+def test_merge_parallel_is_exact_or_declines(case, allow_growth):
+    branches, size = case
+    rng = np.random.default_rng(0)
+    for input_size in (None, size):
+        try:
+            merged = merge_parallel(branches, allow_growth=allow_growth, input_size=input_size)
+        except Decline:
+            # equal strides and slacks: with growth allowed the union window always fits
+            # (each end pad is at least that branch's own), so only a grown window declines
+            assert not allow_growth or input_size is not None
+            continue
+        assert merged.ndim == branches[0].ndim
+        if not allow_growth:
+            assert np.prod(merged.kernel_shape) <= max(np.prod(p.extent) for p in branches)
+        for grow in (0, 1):  # at another size too: the slack argument holds for every size
+            x = rng.standard_normal((1, 2) + tuple(s + grow for s in size))
+            if input_size is not None and grow:
+                continue  # merged for this size only
+            np.testing.assert_allclose(convnd_params_ref(x, merged),
+                                       sum(convnd_params_ref(x, p) for p in branches), **TIGHT)
+
+
+@st.composite
+def sequential_pairs(draw):
+    n = draw(st.sampled_from(NDIMS))
+
+    def axes(lo, hi):
+        return tuple(draw(st.integers(lo, hi)) for _ in range(n))
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    pointwise = draw(st.booleans())
+    k1 = (1,) * n if pointwise else axes(1, 3)
+    p1 = ConvParams(weight=rng.standard_normal((4, 2) + k1), bias=rng.standard_normal(4) * draw(st.sampled_from([0, 1])),
+                    strides=(1,) * n if pointwise else axes(1, 2), pads=axes(0, 2) + axes(0, 2),
+                    dilations=axes(1, 2))
+    padded = draw(st.booleans())
+    p2 = ConvParams(weight=rng.standard_normal((3, 4) + axes(1, 3)), bias=rng.standard_normal(3),
+                    strides=axes(1, 2), pads=axes(0, 2) + axes(0, 2) if padded else (0,) * (2 * n),
+                    dilations=axes(1, 2))
+    return p1, p2
+
+
+@PROPERTY
+@given(pair=sequential_pairs())
+def test_compose_sequential_is_exact_or_declines(pair):
+    p1, p2 = pair
+    try:
+        fused = compose_sequential(p1, p2)
+    except Decline:
+        assert any(p2.pads)  # an unpadded second conv always composes
+        return
+    rng = np.random.default_rng(1)
+    for size in (9, 10):
+        x = rng.standard_normal((1, 2) + (size + 3,) * p1.ndim)
+        y1 = convnd_params_ref(x, p1)
+        if min(y1.shape[2:]) < max(p2.extent):
+            continue
+        np.testing.assert_allclose(convnd_params_ref(x, fused), convnd_params_ref(y1, p2), **TIGHT)
