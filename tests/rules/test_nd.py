@@ -66,17 +66,28 @@ def test_conv_then_bn_is_one_conv(n):
 
 
 @pytest.mark.parametrize("n", NDIMS)
-def test_per_channel_mul_add_after_and_before_a_conv_fold(n):
+def test_per_channel_ops_before_and_after_a_conv_fold(n):
+    # BN1d/BN3d before an unpadded conv (a pre-norm block) and Mul, Add after it: one conv
     b = GraphBuilder(SHAPES[n])
     shape = [1, 6] + [1] * n
-    y = conv(b, b.x, 4, 6, (3,) * n)
+    y = conv(b, b.bn(b.x, 4), 4, 6, (3,) * n, pads=(0,) * (2 * n))
     y = b.node("Mul", [y, b.const(b.rand(*shape), "s")])
-    y = b.node("Add", [y, b.const(b.rand(*shape), "t")])
-    y = b.node("Mul", [y, b.const(b.rand(*shape), "s")])  # before an unpadded conv: folds into it
-    model = b.build(conv(b, y, 6, 5, (3,) * n, pads=(0,) * (2 * n)))
-    out, _ = onnxrep.optimize(model, only=["fold_affine_into_conv", "fold_affine_into_next_layer"])
-    assert ops(out) == {"Conv": 2}
+    model = b.build(b.node("Add", [y, b.const(b.rand(*shape), "t")]))
+    out, report = onnxrep.optimize(model, only=["fold_affine_into_conv", "fold_affine_into_next_layer"])
+    assert ops(out) == {"Conv": 1}
+    assert report.rules_applied() == {"fold_affine_into_next_layer": 1, "fold_affine_into_conv": 2}
     assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("n", NDIMS)
+def test_shift_before_a_conv_padded_on_one_axis_only_stays(n):
+    # the border would read 0 where the original reads the shift
+    b = GraphBuilder(SHAPES[n])
+    y = b.node("Add", [b.x, b.const(b.rand(*([1, 4] + [1] * n)), "t")])
+    model = b.build(conv(b, y, 4, 6, (3,) * n, pads=(0,) * (2 * n - 1) + (1,)))
+    out, report = onnxrep.optimize(model, only=["fold_affine_into_next_layer"])
+    assert ops(out) == ops(model)
+    assert "border" in reasons(report)
 
 
 @pytest.mark.parametrize("n", NDIMS)
