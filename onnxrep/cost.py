@@ -10,13 +10,14 @@ other compute op; nothing for shape and data-movement ops.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Sequence
 
 import numpy as np
 import onnx
 
 from .errors import Decline
-from .graph import spatial_hw, static_shape
+from .graph import spatial_size, static_shape
 from .kernels import ConvParams, conv_macs
 
 FREE_OPS = {
@@ -25,13 +26,14 @@ FREE_OPS = {
 }
 
 
-def conv_flops(p: ConvParams, out_hw: Tuple[int, int], pool: bool = False) -> int:
-    """A Conv (or, ``pool``, an AveragePool) producing ``out_hw``: 2 per multiply-add plus 1 per
-    output for a non-zero bias; a pool 1 per tap and output."""
-    macs = conv_macs(p, out_hw)
+def conv_flops(p: ConvParams, out_size: Sequence[int], pool: bool = False) -> int:
+    """A Conv (or, ``pool``, an AveragePool) producing spatial size ``out_size`` (one int per
+    axis, any number of axes): 2 per multiply-add plus 1 per output for a non-zero bias; a pool
+    1 per tap and output."""
+    macs = conv_macs(p, out_size)
     if pool:
         return macs
-    outputs = p.out_channels * out_hw[0] * out_hw[1]
+    outputs = p.out_channels * math.prod(int(d) for d in out_size)
     return 2 * macs + (outputs if np.any(np.asarray(p.bias) != 0) else 0)
 
 
@@ -44,9 +46,9 @@ def elementwise_flops(op: str, outputs: int) -> int:
 
 
 def layer_output_flops(p: ConvParams, out, op: str) -> int:
-    """A Conv/AveragePool producing the graph tensor ``out`` (1x1 output when its size is unknown)."""
-    hw = spatial_hw(out)
-    return conv_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")
+    """A Conv/AveragePool producing the graph tensor ``out`` (a one-pixel output when its size is unknown)."""
+    size = spatial_size(out)
+    return conv_flops(p, size if size is not None else (1,) * p.ndim, pool=op == "AveragePool")
 
 
 def graph_node_flops(g, node) -> int:
@@ -56,13 +58,13 @@ def graph_node_flops(g, node) -> int:
     input's. Declines when a layer's output size cannot be known."""
     if node.op in ("Conv", "AveragePool"):
         p = g.read_linear(node)
-        hw = spatial_hw(node.outputs[0])
-        if hw is None:
-            hw_in = spatial_hw(node.inputs[0])
-            if hw_in is None:
+        size = spatial_size(node.outputs[0])
+        if size is None:
+            size_in = spatial_size(node.inputs[0])
+            if size_in is None or len(size_in) != p.ndim:
                 raise Decline(f"'{node.name}' has an output of unknown size")
-            hw = p.output_size(*hw_in)
-        return conv_flops(p, hw, pool=node.op == "AveragePool")
+            size = p.output_size(*size_in)
+        return conv_flops(p, size, pool=node.op == "AveragePool")
     shape = static_shape(node.outputs[0])
     if shape and all(isinstance(d, int) for d in shape[1:]):
         return elementwise_flops(node.op, int(np.prod(shape[1:])))

@@ -12,15 +12,16 @@ Rules import these (and the graph, kernels and pass-manager layers), never each 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
 from .errors import Decline
-from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, static_shape
+from .graph import RepGraph, channels_of, const_value, producer, spatial_size, static_shape
 from .cost import layer_output_flops
-from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, merge_parallel
+from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, dims_str, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
 #: Ops that join parallel branches by a signed sum.
@@ -43,8 +44,7 @@ class Leaf:
     @property
     def kind(self) -> str:
         if self.conv is not None:
-            kh, kw = self.conv.kernel_shape
-            return f"conv{kh}x{kw}"
+            return f"conv{dims_str(self.conv.kernel_shape)}"
         if self.linear is not None:
             return "linear"
         return "bn" if self.nodes else "identity"
@@ -167,7 +167,7 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
         if params is None:  # only asked whether such a sibling exists
             return True
         try:  # the merge merge_parallel_add would make, and what it would cost
-            merged = merge_parallel([leaf.conv, params], input_hw=spatial_hw(base))
+            merged = merge_parallel([leaf.conv, params], input_size=spatial_size(base))
         except Decline:
             continue
         if merged.weight.size <= leaf.conv.weight.size:
@@ -197,10 +197,9 @@ def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
     can only make it cheaper)."""
     group = p1.group if p1.group == p2.group else 1
     if any(p2.pads):
-        kh, kw = p2.kernel_shape
+        window = p2.kernel_shape
     else:
-        (e1h, e1w), (l2h, l2w) = p1.extent, p2.kernel_shape
-        kh = (l2h - 1) * p2.dilations[0] * p1.strides[0] + e1h
-        kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
-    ho, wo = spatial_hw(out) or (1, 1)
-    return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
+        window = tuple((l2 - 1) * d2 * s1 + e1 for l2, d2, s1, e1 in zip(p2.kernel_shape, p2.dilations, p1.strides,
+                                                                          p1.extent))
+    size = spatial_size(out) or ()
+    return 2 * p2.out_channels * (p1.in_channels // group) * math.prod(window) * math.prod(size)
