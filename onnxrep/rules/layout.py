@@ -250,6 +250,8 @@ class PropagateTransposes(Rule):
             c = compose(perm_of(inner), perm)
             inner_dead = g.sole_consumer(x) is node
             if is_identity(c):
+                if g.pinned(y) and inner_dead:
+                    return _cancel_into_producer(g, node, inner)
                 return _rewire(g, "cancel", node, [node] + ([inner] if inner_dead else []), y, inner.inputs[0])
             return ComposeMatch(node, inner_dead, inner, c)
         twin = _existing_transpose(g, x, perm, exclude={id(node)})
@@ -263,6 +265,12 @@ class PropagateTransposes(Rule):
             t = g.add_node("Transpose", m.outer.name, [m.inner.inputs[0]], [m.outer.outputs[0]], {"perm": list(m.perm)})
             replaced = [n.name for n in m.removes]
             return Rewrite(self.name, m.outer.name, tuple(replaced), (t.name,), "compose")
+        if isinstance(m, RenameMatch):
+            outputs = [m.new if o is m.old else o for o in m.source.outputs]
+            clone = g.add_node(m.source.op, m.source.name, list(m.source.inputs), outputs, dict(m.source.attrs))
+            clone.domain = m.source.domain
+            return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.removes), (clone.name,),
+                           "cancel before a graph output")
         if isinstance(m, RewireMatch):
             created = [_clone(g, r, m.old, m.new).name for r in m.readers]
             return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.removes), tuple(created), m.kind)
@@ -278,6 +286,37 @@ def _rewire(g, kind, anchor, dead, old, new) -> RewireMatch:
         if any(isinstance(a, gs.Graph) for a in r.attrs.values()):
             raise Decline(f"'{r.name}' has a subgraph and is not re-created")
     return RewireMatch(kind, anchor, dead, readers, old, new)
+
+
+@dataclass
+class RenameMatch(Match):
+    """An inverse pair before a graph output: the producer of the pair's input writes the
+    output itself (``source`` re-created with ``old`` renamed to ``new``)."""
+
+    anchor: object
+    pair: List[object]
+    source: object
+    old: object
+    new: object
+
+    @property
+    def removes(self):
+        return list(self.pair) + [self.source]
+
+    @property
+    def keeps(self):
+        return [self.new] + [t for t in self.source.outputs if t.name and t is not self.old]
+
+
+def _cancel_into_producer(g, outer, inner) -> RenameMatch:
+    v = inner.inputs[0]
+    source = producer(v)
+    if source is None or g.pinned(v) or g.sole_consumer(v) is not inner:
+        raise Decline(f"'{outer.outputs[0].name}' is a graph output and '{v.name}' is not "
+                      "an intermediate read only by the inverse pair")
+    if any(isinstance(a, gs.Graph) for a in source.attrs.values()):
+        raise Decline(f"'{source.name}' has a subgraph and is not re-created")
+    return RenameMatch(outer, [outer, inner], source, v, outer.outputs[0])
 
 
 def _clone(g, node, old, new):
