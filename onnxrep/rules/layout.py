@@ -281,7 +281,7 @@ def _rewire(g, kind, anchor, dead, old, new) -> RewireMatch:
     if g.pinned(old):
         raise Decline(f"'{old.name}' is a graph output or read inside a subgraph; removing "
                       f"'{anchor.name}' would rename it")
-    readers = list(old.outputs)
+    readers = list({id(r): r for r in old.outputs}.values())  # a node may read it twice
     for r in readers:
         if any(isinstance(a, gs.Graph) for a in r.attrs.values()):
             raise Decline(f"'{r.name}' has a subgraph and is not re-created")

@@ -156,6 +156,15 @@ def test_transposes_cancel_and_compose():
     check(model, out)
 
 
+def test_a_reader_that_reads_the_pair_twice_is_recreated_once():
+    b = nhwc_builder()
+    y = t(b, t(b, b.x, TO_NCHW), TO_NHWC)
+    model = b.build(b.node("Relu", [b.node("Mul", [y, y])]))
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == {"Mul": 1, "Relu": 1}
+    check(model, out)
+
+
 def test_identical_transposes_become_one():
     b = nhwc_builder()
     ys = [b.conv(t(b, b.x, TO_NCHW), C, C, k=1) for _ in range(3)]
