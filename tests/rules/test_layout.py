@@ -298,3 +298,48 @@ def test_transposes_read_inside_a_subgraph_stay():
     # the Transpose read inside the If stays; the other one is its duplicate
     assert [n.output[0] for n in out.graph.node if n.op_type == "Transpose"] == [twin]
     check(model, out)
+
+
+def test_the_layout_rule_runs_first():
+    from onnxrep.rules import DEFAULT_RULES
+    assert DEFAULT_RULES[0].name == "propagate_transposes" and DEFAULT_RULES[0].default
+
+
+# ---- random graphs of Transposes and elementwise ops ----------------------------------------
+
+PERMS = [(0, 3, 1, 2), (0, 2, 3, 1), (1, 0, 2, 3), (3, 2, 1, 0), (0, 1, 3, 2)]
+
+
+def random_layout_graph(seed):
+    """Every tensor is [3, 3, 3, 3], so any Transpose and any pair of tensors combine; constants
+    broadcast over random axes; some intermediates are graph outputs too."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder([3, 3, 3, 3], seed=seed)
+    tensors = [b.x]
+    for _ in range(int(rng.integers(3, 14))):
+        a = tensors[int(rng.integers(len(tensors)))]
+        kind = rng.choice(["T", "T", "T", "Relu", "Sigmoid", "Add", "Mul", "Sub"])
+        if kind == "T":
+            y = t(b, a, PERMS[int(rng.integers(len(PERMS)))])
+        elif kind in ("Relu", "Sigmoid"):
+            y = b.node(str(kind), [a])
+        else:
+            if rng.random() < 0.5:
+                other = tensors[int(rng.integers(len(tensors)))]
+            else:
+                shape = [int(rng.choice([1, 3])) for _ in range(int(rng.integers(0, 5)))]
+                other = b.const(rng.uniform(0.5, 1.5, shape).astype(np.float32))
+            y = b.node(str(kind), [a, other] if rng.random() < 0.5 else [other, a])
+        tensors.append(y)
+    read = {i for n in b.nodes for i in n.input}
+    for y in tensors[1:-1]:
+        if y not in read or rng.random() < 0.2:
+            b.mark_output(y)
+    return b.build(tensors[-1])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_layout_graphs_stay_exact_with_no_more_transposes(seed):
+    model = random_layout_graph(seed)
+    out, report = onnxrep.optimize(model, only=RULE)
+    check(model, out)
