@@ -7,7 +7,8 @@ Transpose only moves data, so three identities let the rule remove them exactly
 (docs/rules.md §11):
 
 * **Compose / cancel.** ``Transpose(Transpose(v, r), s) = Transpose(v, c)`` with
-  ``c[k] = r[s[k]]``; when ``c`` is the identity, readers of the outer output read ``v``.
+  ``c[k] = r[s[k]]``; when ``c`` is the identity, readers of the outer output read ``v`` (before
+  a graph output, the producer of ``v`` writes the output name itself).
 * **Dedupe.** Two ``Transpose(x, p)`` nodes compute the same tensor: readers of the second
   read the first (conv branches of one block each reading their own transposed input).
 * **Flip an elementwise region.** For elementwise ops (Add/Sub/Mul/Div/Max/Min/Pow/PRelu with
@@ -245,13 +246,15 @@ class PropagateTransposes(Rule):
         x, y = node.inputs[0], node.outputs[0]
         inner = producer(x)
         if is_identity(perm):
+            if g.pinned(y):
+                return _cancel_into_producer(g, node, [node], x)
             return _rewire(g, "identity", node, [node], y, x)
         if _is_transpose(inner) and g.in_main_graph(inner) and perm_of(inner) is not None:
             c = compose(perm_of(inner), perm)
             inner_dead = g.sole_consumer(x) is node
             if is_identity(c):
                 if g.pinned(y) and inner_dead:
-                    return _cancel_into_producer(g, node, inner)
+                    return _cancel_into_producer(g, node, [node, inner], inner.inputs[0])
                 return _rewire(g, "cancel", node, [node] + ([inner] if inner_dead else []), y, inner.inputs[0])
             return ComposeMatch(node, inner_dead, inner, c)
         twin = _existing_transpose(g, x, perm, exclude={id(node)})
@@ -290,8 +293,8 @@ def _rewire(g, kind, anchor, dead, old, new) -> RewireMatch:
 
 @dataclass
 class RenameMatch(Match):
-    """An inverse pair before a graph output: the producer of the pair's input writes the
-    output itself (``source`` re-created with ``old`` renamed to ``new``)."""
+    """An inverse pair (or an identity Transpose) before a graph output: the producer of its
+    input writes the output itself (``source`` re-created with ``old`` renamed to ``new``)."""
 
     anchor: object
     pair: List[object]
@@ -308,15 +311,14 @@ class RenameMatch(Match):
         return [self.new] + [t for t in self.source.outputs if t.name and t is not self.old]
 
 
-def _cancel_into_producer(g, outer, inner) -> RenameMatch:
-    v = inner.inputs[0]
+def _cancel_into_producer(g, outer, pair, v) -> RenameMatch:
     source = producer(v)
-    if source is None or g.pinned(v) or g.sole_consumer(v) is not inner:
+    if source is None or g.pinned(v) or g.sole_consumer(v) is not pair[-1]:
         raise Decline(f"'{outer.outputs[0].name}' is a graph output and '{v.name}' is not "
                       "an intermediate read only by the inverse pair")
     if any(isinstance(a, gs.Graph) for a in source.attrs.values()):
         raise Decline(f"'{source.name}' has a subgraph and is not re-created")
-    return RenameMatch(outer, [outer, inner], source, v, outer.outputs[0])
+    return RenameMatch(outer, list(pair), source, v, outer.outputs[0])
 
 
 def _clone(g, node, old, new):

@@ -222,6 +222,15 @@ def test_inverse_pair_on_a_graph_output_stays_named():
     assert out.graph.output[0].name == y
 
 
+def test_identity_transpose_before_a_graph_output_goes():
+    b = nhwc_builder()
+    y = t(b, b.node("Relu", [b.x]), [0, 1, 2, 3])
+    model = b.build(y)
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == {"Relu": 1}
+    check(model, out)
+
+
 def test_inverse_pair_on_a_graph_input_and_output_stays():
     b = nhwc_builder()
     model = b.build(t(b, t(b, b.x, TO_NCHW), TO_NHWC))
