@@ -14,12 +14,14 @@ Run (from the repository root)::
 
     /path/to/tf/bin/python scripts/export_tf.py [--out models/tf2onnx]
 
-Families (NHWC, input 16x16x3, channels 8): RepVGG (3x3+BN, 1x1+BN, BN identity; a stride-2
-block first), grouped RepVGG (the same with groups=2 after the first block), ACNet (3x3, 1x3,
-3x1, each with BN), MobileOne (depthwise: two 3x3+BN, a 1x1+BN and a BN identity; pointwise:
-two 1x1+BN and a BN identity). Each is built in Keras 3 and in Keras 2 (tf-keras) with random
-weights and random BatchNorm statistics (gamma, beta, moving mean and variance; fixed seeds),
-and exported with batch 1 and with a dynamic batch. The same network in its deploy structure
+Families (NHWC, input 16x16x8, channels 8; the first block reads the graph input, so its BN
+identity branch is computed by tf2onnx in NHWC): RepVGG (3x3+BN, 1x1+BN, BN identity; the second
+block has stride 2 and no identity), RepVGG returning two feature maps, grouped RepVGG (groups=2
+in the identity blocks), ACNet (3x3, 1x3, 3x1, each with BN; stride 1 and 2), MobileOne
+(depthwise: two 3x3+BN, a 1x1+BN and a BN identity; pointwise: two 1x1+BN and a BN identity;
+then a stride-2 depthwise block and another pointwise one). Each is built in Keras 3 and in
+Keras 2 (tf-keras) with random weights and random BatchNorm statistics (gamma, beta, moving mean
+and variance; fixed seeds: the values repeat, TensorFlow's node names may not), and exported with batch 1 and with a dynamic batch. The same network in its deploy structure
 (one conv with bias per block, the branches fused here in numpy) is exported the same way as
 the reference whose operator counts the manifest records (``deploy_ops``).
 
@@ -209,7 +211,7 @@ def main():
                   ("k2", tf_keras, f"tf-keras {tf_keras.__version__} / tensorflow {tf.__version__}")]
     families = ["repvgg", "repvgg_features", "repvgg_grouped", "acnet", "mobileone"]
     descriptions = {
-        "repvgg": "RepVGG: BN(conv3x3)+BN(conv1x1)[+BN(x)], a stride-2 block first",
+        "repvgg": "RepVGG: BN(conv3x3)+BN(conv1x1)[+BN(x)]; the first block has the BN identity on the NHWC input, the second stride 2",
         "repvgg_features": "RepVGG returning two feature maps (after the first and the last block)",
         "repvgg_grouped": "RepVGG with groups=2 in the identity blocks",
         "acnet": "ACNet: BN(conv3x3)+BN(conv1x3)+BN(conv3x1), stride 1 and 2",
