@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
-from helpers import GraphBuilder, run
+from helpers import GraphBuilder, ops, run
 from onnxrep.verify import (DEFAULT_DRAWS, DRAW_KINDS, TOLERANCES, Verifier, compare, computation_dtype,
                             second_shapes)
 
@@ -570,3 +570,26 @@ def test_every_fixture_passes_the_default_verification_without_rollback(entry):
     assert v.tensors_compared > 1 and not v.notes
     assert v.max_error_ratio < 0.25, v.describe()  # well inside the tolerance, not at its edge
 
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (5,)], ids=["scalar", "one", "vector"])
+def test_compare_tensors_of_rank_below_two(shape):
+    """A scalar intermediate (a mean, a norm) is compared like any tensor, as one channel."""
+    ref = np.full(shape, 2.0, np.float32)
+    assert compare(ref.copy(), ref, 1e-4, 1e-6).ok
+    off = ref + np.float32(1e-2)
+    cmp = compare(off, ref, 1e-4, 1e-6)
+    assert not cmp.ok and cmp.channel is None and cmp.error == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_scalar_intermediate_tensor_is_compared_in_a_candidate():
+    """A graph with a 0-d intermediate (ReduceMean to a scalar, keepdims=0) verifies: the
+    tensor-by-tensor comparison used to fail on it with an IndexError."""
+    b = GraphBuilder([1, 4, 6, 6])
+    y = b.bn(b.conv(b.x, 4, 4, k=3, bias=False), 4)
+    m = b.node("ReduceMean", [y], keepdims=0)
+    out = b.node("Mul", [y, m])
+    model = b.build(out)
+    optimized, report = onnxrep.optimize(model)
+    assert report.verification.ok
+    assert ops(optimized)["BatchNormalization"] == 0
