@@ -60,7 +60,7 @@ LARGE_SCALE_DEFAULT = 1e3
 #: draws and shapes together: half the model's weights, within these bounds, so that they
 #: never dominate the memory a run needs (docs/verification.md). Graph outputs are always
 #: compared and not counted.
-TENSOR_BUDGET_MIN_BYTES = 32 << 20
+TENSOR_BUDGET_MIN_BYTES = 64 << 20
 TENSOR_BUDGET_MAX_BYTES = 256 << 20
 
 
