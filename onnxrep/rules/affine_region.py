@@ -34,7 +34,7 @@ from typing import List
 import numpy as np
 
 from ..errors import Decline
-from ..graph import channels_of, is_float_dtype, spatial_hw
+from ..graph import channels_of, const_value, is_float_dtype, producer, spatial_hw
 from ..cost import conv_flops, graph_node_flops
 from ..kernels import ConvParams, channel_errors, impulse_positions, kernel_from_impulses
 from ..passes import Context, Match, Rewrite, Rule
@@ -92,6 +92,8 @@ class CollapseAffineRegion(Rule):
             # tensor its branches fan out from (FastViT's RepMixer: x + s * (mixer(x) - norm(x))).
             nodes = grow_region(g, node, kinds, stop_at_fanout=True)
             inputs = region_inputs(nodes, kinds)
+        nodes = without_scalar_head(nodes, kinds)
+        inputs = region_inputs(nodes, kinds)
         layers = sum(n.op in ("Conv", "AveragePool") for n in nodes)
         if layers == 0:
             return None  # elementwise and data movement only: no conv is cheaper than that
@@ -149,6 +151,41 @@ class CollapseAffineRegion(Rule):
         return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), (new.name,),
                        f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}",
                        flops=(m.region_flops, m.fused_flops))
+
+
+def without_scalar_head(nodes, kinds) -> list:
+    """The region without the Mul/Div/Add/Sub by a single constant that it starts with.
+
+    Such an op at the region's input is usually the tail of an activation that runtimes fuse
+    (GELU's "* 0.5", hard-swish's "/ 6"); folding it into the conv saves one elementwise op
+    and costs the activation its fusion (fold_affine_into_next_layer leaves such ops alone for
+    the same reason). It is left out only when no other node of the region reads its input, so
+    the region still reads one activation."""
+    nodes = list(nodes)
+    while True:
+        inside = {id(n) for n in nodes}
+        head = None
+        for n in nodes:
+            if n.op not in ("Mul", "Div", "Add", "Sub") or len(n.inputs) != 2:
+                continue
+            values = [t for t in n.inputs if kinds(t) == "value"]
+            scalars = [t for t in n.inputs if kinds(t) != "value" and _single_value(t)]
+            if len(values) != 1 or len(scalars) != 1:
+                continue
+            x = values[0]
+            if (producer(x) is not None and id(producer(x)) in inside) or any(
+                    id(c) in inside and c is not n for c in x.outputs):
+                continue
+            head = n
+            break
+        if head is None or len(nodes) == 1:
+            return nodes
+        nodes = [n for n in nodes if n is not head]
+
+
+def _single_value(t) -> bool:
+    value = const_value(t)
+    return value is not None and value.size == 1
 
 
 def one_layer_and_constants(nodes, kinds) -> bool:
