@@ -339,7 +339,9 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
     """Output shapes of the result: the inferred ones, except that a declared symbolic name is
     kept where inference agrees the dim is dynamic (so 'batch' stays 'batch'), and a declared
     static dim is kept where inference could not size it and every input is static (then the
-    one input size there is, verification checks the output at)."""
+    one input size there is, verification checks the output at). An output inference could not
+    size at all under dynamic inputs keeps the declared rank and symbolic names, sizes unknown:
+    a graph output must have a shape (onnx.checker)."""
     static_inputs = all(
         d.HasField("dim_value") for i in original.graph.input for d in i.type.tensor_type.shape.dim
     )
@@ -353,6 +355,11 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
         if not new_t.HasField("shape"):
             if static_inputs:
                 new_t.shape.CopyFrom(old.type.tensor_type.shape)
+            else:  # the declared rank and names, sizes unknown (a graph output needs a shape)
+                for old_d in old_dims:
+                    new = new_t.shape.dim.add()
+                    if old_d.HasField("dim_param"):
+                        new.dim_param = old_d.dim_param
             continue
         if len(new_t.shape.dim) != len(old_dims):
             continue
