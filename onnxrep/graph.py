@@ -160,8 +160,11 @@ class _Dim:
 class RepGraph:
     """A graph being rewritten: onnx-graphsurgeon graph plus name bookkeeping."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, resolved: Optional[dict] = None):
         self.graph = graph
+        #: tensor name -> concrete shape at the resolved input shapes (batch 1 unless given), for
+        #: counting costs only (onnxrep.cost): never for deciding whether a rewrite is exact
+        self.resolved = dict(resolved or {})
         self._names = set()
         stack = [graph]
         while stack:  # names inside If/Loop/Scan bodies too: a new name must not shadow them

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import Decline
 from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, static_shape
-from .cost import layer_output_flops
+from .cost import layer_output_flops, resolved_hw
 from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
@@ -180,11 +180,11 @@ def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int):
     FLOPs than ``before`` (or the growth is absorbed by a parallel branch); else Decline."""
     # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
     # shape alone before building it, unless a parallel branch might absorb it.
-    predicted = _predicted_flops(p1, p2, out)
+    predicted = _predicted_flops(p1, p2, resolved_hw(ctx.graph, out))
     if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
         raise Decline(f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)")
     fused = compose_sequential(p1, p2)
-    after = layer_output_flops(fused, out, "Conv")
+    after = layer_output_flops(fused, out, "Conv", ctx.graph)
     if after <= before or ctx.allow_growth:
         return fused, ""
     if covered_by_sibling(ctx.graph, out, x, fused):
@@ -192,7 +192,7 @@ def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int):
     raise Decline(f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)")
 
 
-def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
+def _predicted_flops(p1: ConvParams, p2: ConvParams, out_hw) -> int:
     """FLOPs of compose_sequential(p1, p2) from the shapes alone (an upper bound: regrouping
     can only make it cheaper)."""
     group = p1.group if p1.group == p2.group else 1
@@ -202,5 +202,5 @@ def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
         (e1h, e1w), (l2h, l2w) = p1.extent, p2.kernel_shape
         kh = (l2h - 1) * p2.dilations[0] * p1.strides[0] + e1h
         kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
-    ho, wo = spatial_hw(out) or (1, 1)
+    ho, wo = out_hw or (1, 1)
     return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import Decline
-from ..graph import BorderSpec, const_value, producer, spatial_hw, static_shape
-from ..cost import conv_flops
+from ..graph import BorderSpec, const_value, producer, static_shape
+from ..cost import elementwise_flops, layer_output_flops, resolved_shape
 from ..kernels import ConvParams, pad_into_conv
 from ..passes import Context, Match, Rewrite, Rule
 from ..patterns import LINEAR, judge_composition
@@ -114,9 +114,10 @@ def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams) -
     if nxt is None or nxt.inputs[0] is not t:
         raise Decline("the border does not lead straight to a conv")
     p2 = g.read_linear(nxt)
-    pad_flops = int(np.prod(static_shape(pad.outputs[0])[1:])) if spatial_hw(pad.outputs[0]) else 0
-    before = (conv_flops(p, spatial_hw(conv.outputs[0]) or (1, 1)) + pad_flops
-              + conv_flops(p2, spatial_hw(nxt.outputs[0]) or (1, 1), pool=nxt.op == "AveragePool"))
+    shape = resolved_shape(g, pad.outputs[0])
+    pad_flops = elementwise_flops(pad.op, int(np.prod(shape))) if shape is not None else 0
+    before = (layer_output_flops(p, conv.outputs[0], "Conv", g) + pad_flops
+              + layer_output_flops(p2, nxt.outputs[0], nxt.op, g))
     judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)
 
 
