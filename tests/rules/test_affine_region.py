@@ -243,3 +243,25 @@ def test_probes_run_on_a_canvas_sized_by_the_receptive_field(monkeypatch, group)
     if group == 8:  # depthwise: every channel probed at once, one impulse per stride residue
         assert max(s[0] for s in probes) == 2
     assert_same_outputs(model, out)
+
+
+def _scatter_border(b, bias):
+    """A 1x1 conv of x with ``bias``, then a border holding ``bias`` written by Pad + ScatterND."""
+    y = b.node("Conv", [b.x, b.const(b.rand(4, 4, 1, 1)), b.const(bias)], kernel_shape=[1, 1])
+    idx = border_indices(1, 4, 10, 9)
+    return b.node("ScatterND", [b.node("Pad", [y, b.const(BORDER)]), b.const(idx), b.const(bias[idx[:, 1]])])
+
+
+def test_horizontal_merging_does_not_pre_empt_the_fallback():
+    """A DBB block (borders by ScatterND: only the fallback reads them) whose two 1x1 convs
+    share their input and window with the block's shortcut 1x1. Merged horizontally first, the
+    three would feed two regions through one Split, and the block could not collapse."""
+    b = GraphBuilder([1, 4, 8, 7])
+    avg = b.node("AveragePool", [_scatter_border(b, b.rand(4))], kernel_shape=[3, 3])
+    kxk = b.conv(_scatter_border(b, b.rand(4)), 4, 4, k=3, pad=0)
+    dbb = b.add(avg, kxk, b.conv(b.x, 4, 4, k=3))
+    model = b.build(b.add(b.conv(b.node("Relu", [dbb]), 4, 4, k=3), b.conv(b.x, 4, 4, k=1, pad=0)))
+    out, report = onnxrep.optimize(model, enable=["merge_horizontal_convs"])
+    assert "merge_horizontal_convs" not in report.rules_applied(), report.rewrites
+    assert ops(out) == {"Conv": 3, "Relu": 1, "Add": 1}  # the block, the 3x3 after it, the shortcut
+    assert_same_outputs(model, out)
