@@ -202,13 +202,14 @@ class ConvBNLayer(nn.Layer):
 
 class BasicBlock(nn.Layer):
     """PaddleClas ResNet's BasicBlock with DiverseBranchBlock layers; the shortcut is a
-    ConvBNLayer 1x1 when the shape changes."""
+    ConvBNLayer 1x1 when the shape changes or ``short`` asks for one (PaddleClas gives the first
+    block of every stage one)."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, short=False):
         super().__init__()
         self.conv0 = DiverseBranchBlock(cin, cout, 3, stride, act="relu")
         self.conv1 = DiverseBranchBlock(cout, cout, 3, 1, act=None)
-        self.short = None if (cin == cout and stride == 1) else ConvBNLayer(cin, cout, 1, stride)
+        self.short = ConvBNLayer(cin, cout, 1, stride) if short or cin != cout or stride != 1 else None
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -227,17 +228,34 @@ class Head(nn.Layer):
 
 
 class DBBResNet(nn.Layer):
-    """A tiny ResNet: ConvBNLayer stem, two DBB BasicBlocks (the second of stride 2 with a 1x1
-    shortcut), average pool and a linear classifier."""
+    """A ResNet of DBB BasicBlocks (PaddleClas ResNet with layer_type="DiverseBranchBlock").
 
-    def __init__(self):
+    The default is tiny: a ConvBNLayer stem, two BasicBlocks (the second of stride 2 with a 1x1
+    shortcut), average pool and a linear classifier. ``resnet18()`` is PaddleClas's ResNet18."""
+
+    def __init__(self, stem=(3, 8, 3, 1), max_pool=False, stages=((8, 1, 1, False), (12, 1, 2, True)), classes=10):
         super().__init__()
-        self.stem = ConvBNLayer(3, 8, 3, 1, act="relu")
-        self.blocks = nn.Sequential(BasicBlock(8, 8, 1), BasicBlock(8, 12, 2))
-        self.head = Head(12)
+        cin, cout, k, stride = stem
+        self.stem = ConvBNLayer(cin, cout, k, stride, act="relu")
+        self.max_pool = nn.MaxPool2D(3, stride=2, padding=1) if max_pool else None
+        blocks, cin = [], cout
+        for cout, depth, stride, short in stages:
+            for i in range(depth):
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, short and i == 0))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = Head(cin, classes)
+
+    @staticmethod
+    def resnet18():
+        return DBBResNet((3, 64, 7, 2), True, ((64, 2, 1, True), (128, 2, 2, True), (256, 2, 2, True),
+                                               (512, 2, 2, True)), 1000)
 
     def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
+        x = self.stem(x)
+        if self.max_pool is not None:
+            x = self.max_pool(x)
+        return self.head(self.blocks(x))
 
 
 class RepVGGNet(nn.Layer):
@@ -312,12 +330,16 @@ class DeployBasicBlock(nn.Layer):
 class DeployDBBResNet(nn.Layer):
     def __init__(self, net: DBBResNet):
         super().__init__()
-        self.stem = DeployConv(*net.stem.deploy(), 1, 1, True)
+        self.stem = DeployConv(*net.stem.deploy(), net.stem.stride, net.stem.padding, True)
+        self.max_pool = net.max_pool
         self.blocks = nn.Sequential(*[DeployBasicBlock(b) for b in net.blocks])
         self.head = net.head
 
     def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
+        x = self.stem(x)
+        if self.max_pool is not None:
+            x = self.max_pool(x)
+        return self.head(self.blocks(x))
 
 
 class DeployRepVGGNet(nn.Layer):
@@ -363,9 +385,9 @@ def randomize(net: nn.Layer, seed: int) -> None:
                 layer.bias.set_value(rng.normal(0, 0.1, layer.bias.shape).astype(np.float32))
 
 
-def export(net: nn.Layer, path: str, batch) -> None:
+def export(net: nn.Layer, path: str, batch, shape=INPUT_SHAPE) -> None:
     net.eval()
-    spec = [paddle.static.InputSpec([batch, *INPUT_SHAPE[1:]], "float32", "x")]
+    spec = [paddle.static.InputSpec([batch, *shape[1:]], "float32", "x")]
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "model")
         paddle.jit.save(net, prefix, input_spec=spec)
@@ -406,9 +428,14 @@ NETWORKS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join("models", "paddle2onnx"))
+    ap.add_argument("--resnet18", metavar="DIR",
+                    help="instead, write PaddleClas's ResNet18 with DBB layers at 3x224x224 (batch 1, dynamic batch, "
+                         "deploy) into DIR: a measurement, far too large for a fixture")
     args = ap.parse_args(argv)
-    os.makedirs(os.path.join(args.out, "deploy"), exist_ok=True)
     paddle.set_device("cpu")
+    if args.resnet18:
+        return export_resnet18(args.resnet18)
+    os.makedirs(os.path.join(args.out, "deploy"), exist_ok=True)
     framework = f"paddlepaddle {paddle.__version__}"
     exporter = f"paddle2onnx {paddle2onnx.__version__}"
     entries = []
@@ -454,6 +481,26 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(entries, f, indent=2)
         f.write("\n")
+    return 0
+
+
+def export_resnet18(out: str) -> int:
+    os.makedirs(out, exist_ok=True)
+    shape = (1, 3, 224, 224)
+    paddle.seed(0)
+    net = DBBResNet.resnet18()
+    randomize(net, 0)
+    net.eval()
+    deploy = DeployDBBResNet(net)
+    deploy.eval()
+    x = np.random.default_rng(1).standard_normal((2,) + shape[1:]).astype(np.float32)
+    want = net(paddle.to_tensor(x)).numpy()
+    for name, layer, batch in (("b1", net, 1), ("dynamic", net, None), ("deploy", deploy, None)):
+        path = os.path.join(out, f"resnet18_dbb_{name}.onnx")
+        export(layer, path, batch, shape)
+        n = 1 if batch == 1 else 2
+        check(path, run(path, x[:n]), want[:n])
+        print(f"  {path}: {op_counts(path)}")
     return 0
 
 
