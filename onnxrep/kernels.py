@@ -401,7 +401,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
             raise Decline("the second conv pads the first conv's output, and the first is not a stride-1 1x1")
         if np.any(b1 != 0):
             raise Decline("the second conv pads with zeros but the first conv's bias is not zero: wrong on the border")
-        w = np.einsum("om...,mi->oi...", w2, w1[:, :, 0, 0])
+        w = np.einsum("om...,mi->oi...", w2, w1[:, :, 0, 0], optimize=True)
         pads = tuple(a + b for a, b in zip(p1.pads, p2.pads))
         fused = ConvParams(weight=w, bias=b2.copy(), strides=p2.strides, pads=pads, dilations=p2.dilations)
         return regroup(fused)
@@ -413,7 +413,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
     for lh in range(l2h):
         for lw in range(l2w):
             oy, ox = lh * dh * s1h, lw * dw * s1w
-            w[:, :, oy : oy + e1h, ox : ox + e1w] += np.einsum("om,mikl->oikl", w2[:, :, lh, lw], w1)
+            w[:, :, oy : oy + e1h, ox : ox + e1w] += np.einsum("om,mikl->oikl", w2[:, :, lh, lw], w1, optimize=True)
     b = b2 + np.einsum("oml,m->o", w2.reshape(w2.shape[0], w2.shape[1], -1), b1)
     fused = ConvParams(weight=w, bias=b, strides=(s1h * s2h, s1w * s2w), pads=p1.pads)
     return regroup(fused)

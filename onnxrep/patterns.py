@@ -175,14 +175,21 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
     return False
 
 
-def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int):
+def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int, build: bool = True):
     """(fused, note) when conv2(conv1(x)) -> ``out`` composes exactly without costing more
-    FLOPs than ``before`` (or the growth is absorbed by a parallel branch); else Decline."""
+    FLOPs than ``before`` (or the growth is absorbed by a parallel branch); else Decline.
+
+    With ``build`` False the caller only asks whether it would: when the composite's FLOPs
+    bounded from the shapes alone do not exceed ``before``, it returns (None, "") without
+    building it (large compositions cost seconds), but it still declines where composing would
+    not be exact."""
     # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
     # shape alone before building it, unless a parallel branch might absorb it.
     predicted = _predicted_flops(p1, p2, resolved_hw(ctx.graph, out))
     if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
         raise Decline(f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)")
+    if not build and (predicted <= before or ctx.allow_growth) and composes_exactly(p1, p2):
+        return None, ""
     fused = compose_sequential(p1, p2)
     after = layer_output_flops(fused, out, "Conv", ctx.graph)
     if after <= before or ctx.allow_growth:
@@ -204,3 +211,12 @@ def _predicted_flops(p1: ConvParams, p2: ConvParams, out_hw) -> int:
         kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
     ho, wo = out_hw or (1, 1)
     return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
+
+
+def composes_exactly(p1: ConvParams, p2: ConvParams) -> bool:
+    """Whether kernels.compose_sequential accepts the pair (without building the composite)."""
+    if p2.in_channels != p1.out_channels:
+        return False
+    if not any(p2.pads):
+        return True
+    return p1.kernel_shape == (1, 1) and p1.strides == (1, 1) and not np.any(np.asarray(p1.bias) != 0)

@@ -118,7 +118,7 @@ def _composes_next(ctx: Context, pad, conv, p: ConvParams, padded: ConvParams) -
     pad_flops = elementwise_flops(pad.op, int(np.prod(shape))) if shape is not None else 0
     before = (layer_output_flops(p, conv.outputs[0], "Conv", g) + pad_flops
               + layer_output_flops(p2, nxt.outputs[0], nxt.op, g))
-    judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before)
+    judge_composition(ctx, padded, p2, nxt.outputs[0], conv.inputs[0], before, build=False)
 
 
 def _outer_border_concat(g, node) -> bool:
