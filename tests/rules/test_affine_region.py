@@ -1,6 +1,9 @@
 """collapse_affine_region: any region affine in one activation -> one Conv (impulse probes),
 and the regions that must stay."""
 
+import json
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -265,3 +268,18 @@ def test_horizontal_merging_does_not_pre_empt_the_fallback():
     assert "merge_horizontal_convs" not in report.rules_applied(), report.rewrites
     assert ops(out) == {"Conv": 3, "Relu": 1, "Add": 1}  # the block, the 3x3 after it, the shortcut
     assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("name", ["dbb_resnet_b1", "dbb_resnet_dynamic"])
+def test_fallback_alone_reaches_deploy_on_paddle2onnx_dbb(name):
+    """Without the rule that reads paddle2onnx's Concat borders, the fallback must still
+    collapse every DBB: the second DBB of each ResNet block ends in the residual Add (set
+    aside), and under a dynamic batch its costs come from resolved sizes."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "models", "paddle2onnx")
+    with open(os.path.join(folder, "manifest.json")) as f:
+        entry = next(e for e in json.load(f) if e["file"] == name + ".onnx")
+    model = onnx.load(os.path.join(folder, entry["file"]))
+    out, report = onnxrep.optimize(model, skip=["fold_border_pad_into_conv"])
+    assert ops(out)["Conv"] == entry["deploy_ops"]["Conv"], report.declines
+    assert report.rules_applied()["collapse_affine_region"] == 4  # every DBB's border branches
+    assert_same_outputs(model, out, batch=2 if entry["dynamic_batch"] else 1)
