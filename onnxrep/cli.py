@@ -300,6 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # onnxrep's own sessions are silent (modelio.session); onnx-graphsurgeon's constant folding
     # builds its sessions with default options, which follow this process-wide logger.
     ort.set_default_logger_severity(runtime.QUIET)
+    runtime.tune_allocator()  # the command line owns its process (docs/architecture.md, "Memory")
     if args.output and args.output_pos and args.output != args.output_pos:
         print(f"onnxrep: error: two outputs given: {args.output_pos} and -o {args.output} (see --help)", file=sys.stderr)
         return EXIT_INPUT

@@ -12,13 +12,14 @@ other compute op; nothing for shape and data-movement ops.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Sequence
 
 import numpy as np
 import onnx
 
 from .errors import Decline
-from .graph import spatial_hw, static_shape
+from .graph import spatial_size, static_shape
 from .kernels import ConvParams, conv_macs
 
 FREE_OPS = {
@@ -27,13 +28,14 @@ FREE_OPS = {
 }
 
 
-def conv_flops(p: ConvParams, out_hw: Tuple[int, int], pool: bool = False) -> int:
-    """A Conv (or, ``pool``, an AveragePool) producing ``out_hw``: 2 per multiply-add plus 1 per
-    output for a non-zero bias; a pool 1 per tap and output."""
-    macs = conv_macs(p, out_hw)
+def conv_flops(p: ConvParams, out_size: Sequence[int], pool: bool = False) -> int:
+    """A Conv (or, ``pool``, an AveragePool) producing spatial size ``out_size`` (one int per
+    axis, any number of axes): 2 per multiply-add plus 1 per output for a non-zero bias; a pool
+    1 per tap and output."""
+    macs = conv_macs(p, out_size)
     if pool:
         return macs
-    outputs = p.out_channels * out_hw[0] * out_hw[1]
+    outputs = p.out_channels * math.prod(int(d) for d in out_size)
     return 2 * macs + (outputs if np.any(np.asarray(p.bias) != 0) else 0)
 
 
@@ -68,11 +70,11 @@ def resolved_shape(g, t, depth: int = 0):
         return None
     if node.op in ("Conv", "AveragePool"):
         inner = resolved_shape(g, node.inputs[0], depth + 1)
-        if inner is None or len(inner) != 3:
-            return None
         try:
             p = g.read_linear(node)
         except Decline:
+            return None
+        if inner is None or len(inner) != p.ndim + 1:
             return None
         return [p.out_channels, *p.output_size(*inner[1:])]
     if node.op in _SAME_SIZE and len(node.outputs) == 1:
@@ -80,17 +82,17 @@ def resolved_shape(g, t, depth: int = 0):
     return None
 
 
-def resolved_hw(g, t):
-    """(H, W) of an NCHW tensor for counting (:func:`resolved_shape`), or None."""
+def resolved_size(g, t):
+    """The spatial size of an N C D1..Dn tensor for counting (:func:`resolved_shape`), or None."""
     shape = resolved_shape(g, t)
-    return (shape[1], shape[2]) if shape is not None and len(shape) == 3 else None
+    return tuple(shape[1:]) if shape is not None and len(shape) >= 2 else None
 
 
 def layer_output_flops(p: ConvParams, out, op: str, g=None) -> int:
-    """A Conv/AveragePool producing the graph tensor ``out`` (sized by :func:`resolved_hw` with
-    ``g``; 1x1 output when its size is unknown)."""
-    hw = resolved_hw(g, out) if g is not None else spatial_hw(out)
-    return conv_flops(p, hw if hw is not None else (1, 1), pool=op == "AveragePool")
+    """A Conv/AveragePool producing the graph tensor ``out`` (sized by :func:`resolved_size`
+    with ``g``; a one-pixel output when its size is unknown)."""
+    size = resolved_size(g, out) if g is not None else spatial_size(out)
+    return conv_flops(p, size if size is not None else (1,) * p.ndim, pool=op == "AveragePool")
 
 
 def graph_node_flops(g, node) -> int:
@@ -101,10 +103,10 @@ def graph_node_flops(g, node) -> int:
     known."""
     if node.op in ("Conv", "AveragePool"):
         p = g.read_linear(node)
-        hw = resolved_hw(g, node.outputs[0])
-        if hw is None:
+        size = resolved_size(g, node.outputs[0])
+        if size is None or len(size) != p.ndim:
             raise Decline(f"'{node.name}' has an output of unknown size")
-        return conv_flops(p, hw, pool=node.op == "AveragePool")
+        return conv_flops(p, size, pool=node.op == "AveragePool")
     shape = resolved_shape(g, node.outputs[0])
     if shape is not None:
         return elementwise_flops(node.op, int(np.prod(shape)))

@@ -18,6 +18,7 @@ by :meth:`RepGraph.compact`, which it calls once per pass.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -26,9 +27,20 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from .errors import Decline
+
+#: Bytes of constants left without a consumer by rewrites after which the cycle collector runs.
+#: onnx-graphsurgeon's tensors and nodes reference themselves (through their input and output
+#: lists), so a replaced weight is not freed when its last reader goes but only when Python's
+#: cycle collector next looks at the generation it has aged into, which on a large model can be
+#: after every rewrite is done: the old and new weights of the whole model would then be in
+#: memory together (docs/architecture.md, "Memory").
+COLLECT_BYTES = 64 << 20
 from .kernels import ConvParams, avgpool_conv, bn_affine
 
 Tensor = Union[gs.Variable, gs.Constant]
+
+#: The numbers of spatial axes a Conv or AveragePool may have to be folded (Conv1d, Conv2d, Conv3d).
+SPATIAL_DIMS = (1, 2, 3)
 
 
 def const_value(t: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -64,12 +76,20 @@ def channels_of(t: Tensor) -> Optional[int]:
     return shape[1]
 
 
-def spatial_hw(t: Tensor):
-    """(H, W) of an NCHW activation when both are static integers, else None."""
+def spatial_size(t: Tensor) -> Optional[Tuple[int, ...]]:
+    """The spatial size of an N C D1..Dn activation (n >= 1: 1-D, 2-D, 3-D convs) when every
+    spatial dim is a static integer, else None."""
     shape = static_shape(t)
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape[2:]):
         return None
-    return int(shape[2]), int(shape[3])
+    return tuple(int(d) for d in shape[2:])
+
+
+def spatial_hw(t: Tensor):
+    """(H, W) of an NCHW activation when both are static integers, else None (also for a
+    tensor of any other rank: for code that handles 2-D images only)."""
+    size = spatial_size(t)
+    return size if size is not None and len(size) == 2 else None
 
 
 def per_channel(value: np.ndarray, channels: int, rank: int) -> Optional[np.ndarray]:
@@ -119,28 +139,29 @@ class PadSpec:
     def rank(self) -> int:
         return len(self.pads) // 2
 
-    def spatial(self) -> Tuple[int, int, int, int]:
-        """(top, left, bottom, right) of a 4-D pad that leaves batch and channels alone, else Decline."""
-        p = self.pads
-        if len(p) != 8:
-            raise Decline("the Pad is not on a 4-D tensor")
-        if any(p[i] for i in (0, 1, 4, 5)):
+    def spatial(self) -> Tuple[int, ...]:
+        """The spatial pads (begins, then ends: (top, left, bottom, right) for a 4-D tensor) of a
+        pad on an N C D1..Dn tensor that leaves batch and channels alone, else Decline."""
+        p, r = self.pads, self.rank
+        if r < 3:
+            raise Decline(f"the Pad is on a rank-{r} tensor, not N C D1..Dn")
+        if any(p[i] for i in (0, 1, r, r + 1)):
             raise Decline("the Pad pads the batch or channel axis")
-        return p[2], p[3], p[6], p[7]
+        return tuple(p[2:r]) + tuple(p[r + 2 :])
 
 
 @dataclass(frozen=True)
 class BorderSpec:
-    """A constant border written around an NCHW activation ``x``: a constant-mode Pad, or
-    Concats of constant slabs on the spatial axes (paddle2onnx's spelling of DBB's BN-and-pad).
+    """A constant border written around an N C D1..Dn activation ``x``: a constant-mode Pad, or
+    (NCHW only) Concats of constant slabs on H and W (paddle2onnx's spelling of DBB's BN-and-pad).
 
-    ``pads`` is (top, left, bottom, right); ``values`` the border value of each channel (float64,
+    ``pads`` are the spatial begins, then ends ((top, left, bottom, right) in 2-D); ``values`` the border value of each channel (float64,
     one per channel, or one for all); ``nodes`` the nodes that write the border and die with it
     (the Pad, or the Concats with the Expand and shape nodes that build their slabs).
     """
 
     x: object
-    pads: Tuple[int, int, int, int]
+    pads: Tuple[int, ...]
     values: np.ndarray
     nodes: Tuple[gs.Node, ...]
 
@@ -175,6 +196,7 @@ class RepGraph:
                 stack.extend(a for a in node.attrs.values() if isinstance(a, gs.Graph))
         self._output_names = {t.name for t in graph.outputs}
         self._main = {id(n) for n in graph.nodes}
+        self._released = 0  # bytes of constants orphaned since the last collection
 
     # ---- names and construction -----------------------------------------------------
 
@@ -291,7 +313,6 @@ class RepGraph:
                 node.inputs.clear()
                 node.outputs.clear()
             self._check_replacement(new, keep)
-            return result
         except BaseException:
             for node in self.graph.nodes[start:]:
                 node.inputs.clear()
@@ -302,6 +323,12 @@ class RepGraph:
                     node.inputs.extend(inputs)
                     node.outputs.extend(outputs)
             raise
+        self._released += sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+                              for _, inputs, _ in saved for t in inputs if isinstance(t, gs.Constant) and not t.outputs)
+        if self._released >= COLLECT_BYTES:
+            gc.collect()  # see COLLECT_BYTES
+            self._released = 0
+        return result
 
     def _check_replacement(self, new: Sequence[gs.Node], keep: Sequence[Tensor]) -> None:
         ids = {id(n) for n in new}
@@ -319,7 +346,10 @@ class RepGraph:
     # ---- typed readers ----------------------------------------------------------------
 
     def read_conv(self, node: gs.Node) -> ConvParams:
-        """The parameters of a 2-D Conv with constant float weights; Decline otherwise."""
+        """The parameters of a 1-D, 2-D or 3-D Conv with constant float weights; Decline otherwise.
+
+        Pads, strides and dilations are read per spatial axis (defaults 0, 1, 1); auto_pad SAME_*
+        is resolved per axis from a static input size."""
         if node.op != "Conv":
             raise Decline(f"'{node.name}' is {node.op}, not Conv")
         if len(node.inputs) < 2 or len(node.outputs) != 1:
@@ -327,8 +357,9 @@ class RepGraph:
         weight = const_value(node.inputs[1])
         if weight is None:
             raise Decline(f"Conv '{node.name}' weight '{node.inputs[1].name}' is not a constant")
-        if weight.ndim != 4:
-            raise Decline(f"Conv '{node.name}' is {weight.ndim - 2}-D; only 2-D convs are fused")
+        n = weight.ndim - 2
+        if n not in SPATIAL_DIMS:
+            raise Decline(f"Conv '{node.name}' is {n}-D; only 1-D, 2-D and 3-D convs are fused")
         if not is_float_dtype(weight.dtype):
             raise Decline(f"Conv '{node.name}' has non-float weights ({weight.dtype})")
         bias = None
@@ -345,22 +376,25 @@ class RepGraph:
         channels = channels_of(node.inputs[0])
         if channels is not None and channels != weight.shape[1] * group:
             raise Decline(f"Conv '{node.name}' weight does not match its {channels} input channels")
-        pads = _ints(attrs, "pads", (0, 0, 0, 0))
+        pads = _ints(attrs, "pads", (0,) * (2 * n))
         auto_pad = str_attr(attrs, "auto_pad", "NOTSET")
-        strides = _ints(attrs, "strides", (1, 1))
-        dilations = _ints(attrs, "dilations", (1, 1))
-        if len(pads) != 4 or len(strides) != 2 or len(dilations) != 2:
-            raise Decline(f"Conv '{node.name}' has malformed pads, strides or dilations")
+        strides = _ints(attrs, "strides", (1,) * n)
+        dilations = _ints(attrs, "dilations", (1,) * n)
+        if len(pads) != 2 * n or len(strides) != n or len(dilations) != n:
+            raise Decline(f"Conv '{node.name}' has malformed pads, strides or dilations for a {n}-D conv")
+        rank = len(static_shape(node.inputs[0]) or ())
+        if rank and rank != n + 2:
+            raise Decline(f"Conv '{node.name}' has a {n}-D kernel on a rank-{rank} input")
         if min(strides) < 1 or min(dilations) < 1 or min(pads) < 0:
             raise Decline(f"Conv '{node.name}' has non-positive strides/dilations or negative pads")
         if auto_pad == "VALID":
-            pads = (0, 0, 0, 0)
+            pads = (0,) * (2 * n)
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             # Which side gets the odd pad depends on the input size: only a static size fixes it.
-            hw = spatial_hw(node.inputs[0])
-            if hw is None:
+            size = spatial_size(node.inputs[0])
+            if size is None or len(size) != n:
                 raise Decline(f"Conv '{node.name}' uses auto_pad={auto_pad} on an input of dynamic size")
-            pads = _same_pads(hw, weight.shape[2:], strides, dilations, auto_pad == "SAME_UPPER")
+            pads = _same_pads(size, weight.shape[2:], strides, dilations, auto_pad == "SAME_UPPER")
         elif auto_pad != "NOTSET":
             raise Decline(f"Conv '{node.name}' has unknown auto_pad {auto_pad!r}")
         kernel_shape = attrs.get("kernel_shape")
@@ -385,19 +419,27 @@ class RepGraph:
         attrs = node.attrs
         kernel = _ints(attrs, "kernel_shape", ())
         channels = channels_of(node.inputs[0])
-        if len(kernel) != 2 or channels is None:
-            raise Decline(f"AveragePool '{node.name}' is not a 2-D pool over a known channel count")
+        n = len(kernel)
+        if n not in SPATIAL_DIMS or channels is None:
+            raise Decline(f"AveragePool '{node.name}' is not a 1-D, 2-D or 3-D pool over a known channel count")
+        rank = len(static_shape(node.inputs[0]) or ())
+        if rank and rank != n + 2:
+            raise Decline(f"AveragePool '{node.name}' has a {n}-D window on a rank-{rank} input")
         if int(attrs.get("ceil_mode", 0)):
             raise Decline(f"AveragePool '{node.name}' uses ceil_mode=1")
-        if any(d != 1 for d in _ints(attrs, "dilations", (1, 1))):
+        if any(d != 1 for d in _ints(attrs, "dilations", (1,) * n)):
             raise Decline(f"AveragePool '{node.name}' is dilated")
         auto_pad = str_attr(attrs, "auto_pad", "NOTSET")
         if auto_pad not in ("NOTSET", "VALID"):
             raise Decline(f"AveragePool '{node.name}' uses auto_pad={auto_pad}")
-        pads = (0, 0, 0, 0) if auto_pad == "VALID" else _ints(attrs, "pads", (0, 0, 0, 0))
+        pads = (0,) * (2 * n) if auto_pad == "VALID" else _ints(attrs, "pads", (0,) * (2 * n))
+        strides = _ints(attrs, "strides", (1,) * n)
+        if len(pads) != 2 * n or len(strides) != n:
+            raise Decline(f"AveragePool '{node.name}' has malformed pads or strides for a {n}-D pool")
+        if min(strides) < 1 or min(pads) < 0:
+            raise Decline(f"AveragePool '{node.name}' has non-positive strides or negative pads")
         try:
-            return avgpool_conv(channels, kernel, _ints(attrs, "strides", (1, 1)), pads,
-                                bool(int(attrs.get("count_include_pad", 0))))
+            return avgpool_conv(channels, kernel, strides, pads, bool(int(attrs.get("count_include_pad", 0))))
         except Decline as exc:
             raise Decline(f"AveragePool '{node.name}': {exc}") from None
 

@@ -4,16 +4,19 @@ Everything here works on arrays and small frozen dataclasses; nothing knows abou
 graphs. All folding happens in float64; callers cast the result back to the tensor's
 original dtype when they write it into the graph.
 
-Conventions (those of ONNX ``Conv``):
-    weight  W[Cout, Cin/g, kh, kw]
+Conventions (those of ONNX ``Conv``), for any number n of spatial axes (1-D, 2-D, 3-D convs):
+    weight  W[Cout, Cin/g, k_1, ..., k_n]
     bias    b[Cout]
-    pads    (top, left, bottom, right) == ONNX [H_begin, W_begin, H_end, W_end]
-    output row o reads input rows  o*stride - pad_top + i*dilation,  i in 0..kh-1
-    (rows outside the image read 0).
+    pads    (begin_1, ..., begin_n, end_1, ..., end_n); for 2-D (top, left, bottom, right)
+    strides, dilations: one per spatial axis
+    along each axis, output o reads input positions  o*stride - pad_begin + i*dilation,
+    i in 0..k-1 (positions outside the input read 0).
+Every identity holds per spatial axis, so one code path serves every n.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,16 +25,39 @@ import numpy as np
 from .errors import Decline  # noqa: F401  (re-exported: kernels raise it when a fusion is not exact)
 
 
+def dims_str(sizes: Sequence[int]) -> str:
+    """A kernel or window size as text: (3, 1) -> '3x1', (5,) -> '5'."""
+    return "x".join(str(int(v)) for v in sizes)
+
+
 @dataclass(frozen=True)
 class ConvParams:
-    """A 2-D convolution: weights, bias and geometry."""
+    """A convolution over n = weight.ndim - 2 spatial axes: weights, bias and geometry.
+
+    ``strides``, ``pads`` and ``dilations`` left empty mean 1, 0 and 1 on every axis.
+    """
 
     weight: np.ndarray
     bias: np.ndarray
-    strides: Tuple[int, int] = (1, 1)
-    pads: Tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilations: Tuple[int, int] = (1, 1)
+    strides: Tuple[int, ...] = ()
+    pads: Tuple[int, ...] = ()
+    dilations: Tuple[int, ...] = ()
     group: int = 1
+
+    def __post_init__(self):
+        n = np.ndim(self.weight) - 2
+        if n < 1:
+            raise ValueError(f"a conv weight needs at least 3 axes, got shape {np.shape(self.weight)}")
+        for name, default, length in (("strides", 1, n), ("pads", 0, 2 * n), ("dilations", 1, n)):
+            value = tuple(int(v) for v in getattr(self, name)) or (default,) * length
+            if len(value) != length:
+                raise ValueError(f"{name} {value} do not fit a {n}-D conv")
+            object.__setattr__(self, name, value)
+
+    @property
+    def ndim(self) -> int:
+        """The number of spatial axes."""
+        return int(np.ndim(self.weight)) - 2
 
     @property
     def out_channels(self) -> int:
@@ -42,28 +68,39 @@ class ConvParams:
         return int(self.weight.shape[1]) * self.group
 
     @property
-    def kernel_shape(self) -> Tuple[int, int]:
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
+    def kernel_shape(self) -> Tuple[int, ...]:
+        return tuple(int(k) for k in self.weight.shape[2:])
 
     @property
-    def extent(self) -> Tuple[int, int]:
+    def pads_begin(self) -> Tuple[int, ...]:
+        return self.pads[: self.ndim]
+
+    @property
+    def pads_end(self) -> Tuple[int, ...]:
+        return self.pads[self.ndim :]
+
+    @property
+    def extent(self) -> Tuple[int, ...]:
         """Size of the input window one output reads: (k - 1) * d + 1 per axis."""
-        (kh, kw), (dh, dw) = self.kernel_shape, self.dilations
-        return (kh - 1) * dh + 1, (kw - 1) * dw + 1
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_shape, self.dilations))
 
     @property
-    def size_slack(self) -> Tuple[int, int]:
+    def size_slack(self) -> Tuple[int, ...]:
         """(pad_begin + pad_end - extent) per axis: the output size is floor((H + slack) / s) + 1.
         Two convs of the same stride give equal output sizes at every input size exactly when
         their slacks are equal (for unequal slacks some H lands between them)."""
-        (eh, ew), (t, l, b, r) = self.extent, self.pads
-        return t + b - eh, l + r - ew
+        return tuple(b + e - x for b, e, x in zip(self.pads_begin, self.pads_end, self.extent))
 
-    def output_size(self, h: int, w: int) -> Tuple[int, int]:
-        eh, ew = self.extent
-        t, l, b, r = self.pads
-        sh, sw = self.strides
-        return (h + t + b - eh) // sh + 1, (w + l + r - ew) // sw + 1
+    def output_size(self, *sizes: int) -> Tuple[int, ...]:
+        """The output's spatial size for an input of spatial size ``sizes`` (one per axis)."""
+        if len(sizes) != self.ndim:
+            raise ValueError(f"{len(sizes)} sizes for a {self.ndim}-D conv")
+        return tuple((n + slack) // s + 1 for n, slack, s in zip(sizes, self.size_slack, self.strides))
+
+
+def _channels_first(vec: np.ndarray, ndim: int) -> np.ndarray:
+    """A vector over axis 0 of an array with ``ndim`` axes: vec[:, None, ..., None]."""
+    return vec.reshape((-1,) + (1,) * (ndim - 1))
 
 
 # --------------------------------------------------------------------------------------
@@ -81,12 +118,12 @@ def bn_affine(gamma, beta, mean, var, eps: float) -> Tuple[np.ndarray, np.ndarra
 def affine_after_conv(p: ConvParams, scale, shift) -> ConvParams:
     """Conv followed by y * scale + shift per output channel (BN, Mul, Add...): one conv.
 
-    W' = W * scale[:, None, None, None];  b' = b * scale + shift.
+    W' = W * scale[:, None, ...];  b' = b * scale + shift (any number of spatial axes).
     """
     cout = p.out_channels
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (cout,))
     shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (cout,))
-    w = np.asarray(p.weight, dtype=np.float64) * scale[:, None, None, None]
+    w = np.asarray(p.weight, dtype=np.float64) * _channels_first(scale, p.weight.ndim)
     b = np.asarray(p.bias, dtype=np.float64) * scale + shift
     return replace(p, weight=w, bias=b)
 
@@ -133,8 +170,9 @@ def affine_before_conv(p: ConvParams, scale, shift) -> ConvParams:
     w = np.asarray(p.weight, dtype=np.float64)
     cout, cin_g = w.shape[:2]
     channel = (np.arange(cout) // (cout // p.group))[:, None] * cin_g + np.arange(cin_g)[None, :]  # [Cout, Cin/g]
-    weight = w * scale[channel][:, :, None, None]
-    bias = np.asarray(p.bias, dtype=np.float64) + (w.sum(axis=(2, 3)) * shift[channel]).sum(axis=1)
+    taps = tuple(range(2, w.ndim))
+    weight = w * scale[channel].reshape(channel.shape + (1,) * p.ndim)
+    bias = np.asarray(p.bias, dtype=np.float64) + (w.sum(axis=taps) * shift[channel]).sum(axis=1)
     return replace(p, weight=weight, bias=bias)
 
 
@@ -154,10 +192,10 @@ def affine_before_matmul(weight, bias, scale, shift):
 # --------------------------------------------------------------------------------------
 
 
-def diagonal_conv(scale, shift, group: int) -> ConvParams:
-    """The 1x1 conv (with ``group`` groups) computing y[c] = x[c] * scale[c] + shift[c].
+def diagonal_conv(scale, shift, group: int, ndim: int = 2) -> ConvParams:
+    """The 1x1 conv (``ndim`` spatial axes, ``group`` groups) computing y[c] = x[c] * scale[c] + shift[c].
 
-    Identity is scale = 1, shift = 0. Kernel 1 sits at W[o, o mod (C/g), 0, 0].
+    Identity is scale = 1, shift = 0. Kernel 1 sits at W[o, o mod (C/g), 0, ..., 0].
     """
     scale = np.asarray(scale, dtype=np.float64).reshape(-1)
     shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), scale.shape).copy()
@@ -165,8 +203,8 @@ def diagonal_conv(scale, shift, group: int) -> ConvParams:
     if c % group:
         raise Decline(f"{c} channels do not split into {group} groups")
     cg = c // group
-    w = np.zeros((c, cg, 1, 1))
-    w[np.arange(c), np.arange(c) % cg, 0, 0] = scale
+    w = np.zeros((c, cg) + (1,) * ndim)
+    w.reshape(c, cg)[np.arange(c), np.arange(c) % cg] = scale
     return ConvParams(weight=w, bias=shift, group=group)
 
 
@@ -178,33 +216,37 @@ def diagonal_conv(scale, shift, group: int) -> ConvParams:
 def dense_kernel(weight, dilations: Sequence[int]) -> np.ndarray:
     """A kernel with dilation d as the dense kernel of size (k-1)*d+1 with zeros between taps."""
     w = np.asarray(weight)
-    dh, dw = dilations
-    if dh == 1 and dw == 1:
+    dilations = tuple(int(d) for d in dilations)
+    if all(d == 1 for d in dilations):
         return w
-    kh, kw = w.shape[2:]
-    out = np.zeros(w.shape[:2] + ((kh - 1) * dh + 1, (kw - 1) * dw + 1), dtype=w.dtype)
-    out[:, :, ::dh, ::dw] = w
+    out = np.zeros(w.shape[:2] + tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)), dtype=w.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilations)] = w
     return out
 
 
 def common_window(
     branches: Sequence[ConvParams],
     allow_growth: bool = False,
-    input_hw: Optional[Tuple[int, int]] = None,
-) -> Tuple[ConvParams, List[Tuple[int, int]]]:
+    input_size: Optional[Sequence[int]] = None,
+) -> Tuple[ConvParams, List[Tuple[int, ...]]]:
     """The geometry of one conv covering every branch's input window, and each branch's offset.
 
-    Branch b reads rows starting at -pad_top_b, so the union starts at -max(pad_top) and the
-    kernel of b sits at offset max(pad_top) - pad_top_b. The end pads are chosen so the output
-    size equals the first branch's for every input size. Returns a zero-weight ConvParams with
-    the fused geometry (dilation 1; weight shape [Cout of the first branch, Cin/g, kh, kw]).
-    Declines when strides or groups differ, when that needs a negative pad, or (unless
-    ``allow_growth``) when the union window is larger than the largest branch's window.
+    Along each axis, branch b reads from -pad_begin_b, so the union starts at -max(pad_begin) and
+    the kernel of b sits at offset max(pad_begin) - pad_begin_b. The end pads are chosen so the
+    output size equals the first branch's for every input size. Returns a zero-weight ConvParams
+    with the fused geometry (dilation 1; weight shape [Cout of the first branch, Cin/g, window]).
+    ``input_size`` is the input's static spatial size (one int per axis), or None when a size is
+    dynamic. Declines when the number of spatial axes, strides or groups differ, when that needs
+    a negative pad, or (unless ``allow_growth``) when the union window is larger than the largest
+    branch's window.
     """
     if len(branches) < 2:
         raise Decline("fewer than two branches")
     first = branches[0]
+    n = first.ndim
     for p in branches[1:]:
+        if p.ndim != n:
+            raise Decline(f"a {n}-D and a {p.ndim}-D branch")
         if p.strides != first.strides:
             raise Decline(f"different strides {first.strides} vs {p.strides}")
         if p.group != first.group:
@@ -212,34 +254,33 @@ def common_window(
         if p.weight.shape[1] != first.weight.shape[1]:
             raise Decline(f"different input channels per group {first.weight.shape[1]} vs {p.weight.shape[1]}")
     ext = [p.extent for p in branches]
-    top = max(p.pads[0] for p in branches)
-    left = max(p.pads[1] for p in branches)
-    kh = max(top - p.pads[0] + e[0] for p, e in zip(branches, ext))
-    kw = max(left - p.pads[1] + e[1] for p, e in zip(branches, ext))
-    largest = max(branches, key=lambda p: p.extent[0] * p.extent[1])
-    if not allow_growth and kh * kw > largest.extent[0] * largest.extent[1]:
+    begin = tuple(max(p.pads_begin[a] for p in branches) for a in range(n))
+    size = tuple(max(begin[a] - p.pads_begin[a] + e[a] for p, e in zip(branches, ext)) for a in range(n))
+    largest = max(branches, key=lambda p: math.prod(p.extent))
+    if not allow_growth and math.prod(size) > math.prod(largest.extent):
         raise Decline(
-            f"misaligned branches: union window {kh}x{kw} is larger than the largest kernel "
-            f"{largest.extent[0]}x{largest.extent[1]}"
+            f"misaligned branches: union window {dims_str(size)} is larger than the largest kernel "
+            f"{dims_str(largest.extent)}"
         )
-    # End pads from the first branch: pad_t + pad_b - extent stays the same, so does the output.
-    bottom = first.pads[0] + first.pads[2] - ext[0][0] + kh - top
-    right = first.pads[1] + first.pads[3] - ext[0][1] + kw - left
-    if bottom < 0 or right < 0:
-        raise Decline(f"fused conv would need a negative end pad ({bottom}, {right})")
+    # End pads from the first branch: pad_begin + pad_end - extent stays the same, so does the output.
+    end = tuple(first.pads_begin[a] + first.pads_end[a] - ext[0][a] + size[a] - begin[a] for a in range(n))
+    if min(end) < 0:
+        raise Decline(f"fused conv would need a negative end pad {end}")
     fused = ConvParams(
-        weight=np.zeros(first.weight.shape[:2] + (kh, kw)),
+        weight=np.zeros(first.weight.shape[:2] + size),
         bias=np.zeros(first.out_channels),
         strides=first.strides,
-        pads=(top, left, bottom, right),
+        pads=begin + end,
         group=first.group,
     )
-    if input_hw is not None:  # one input size: compare the sizes themselves
-        want = first.output_size(*input_hw)
+    if input_size is not None:  # one input size: compare the sizes themselves
+        if len(input_size) != n:
+            raise Decline(f"a {len(input_size)}-D input for {n}-D convs")
+        want = first.output_size(*input_size)
         for p in branches[1:]:
-            if p.output_size(*input_hw) != want:
-                raise Decline(f"branch outputs differ in size: {want} vs {p.output_size(*input_hw)}")
-        if fused.output_size(*input_hw) != want:
+            if p.output_size(*input_size) != want:
+                raise Decline(f"branch outputs differ in size: {want} vs {p.output_size(*input_size)}")
+        if fused.output_size(*input_size) != want:
             raise Decline("fused conv would change the output size")
     else:  # dynamic size: floor((H + slack) / s) + 1 must agree for every H
         want = first.size_slack
@@ -249,22 +290,26 @@ def common_window(
                               f"{p.size_slack}); they must agree at every input size")
         if fused.size_slack != want:
             raise Decline("fused conv would change the output size at some input sizes")
-    offsets = [(top - p.pads[0], left - p.pads[1]) for p in branches]
+    offsets = [tuple(begin[a] - p.pads_begin[a] for a in range(n)) for p in branches]
     return fused, offsets
 
 
-def _placed(p: ConvParams, window: ConvParams, offset: Tuple[int, int]) -> np.ndarray:
+def _window(offset: Sequence[int], extent: Sequence[int]) -> tuple:
+    """The index of a window of ``extent`` at ``offset`` in a kernel [Cout, Cin/g, ...]."""
+    return (slice(None), slice(None)) + tuple(slice(o, o + e) for o, e in zip(offset, extent))
+
+
+def _placed(p: ConvParams, window: ConvParams, offset: Sequence[int]) -> np.ndarray:
     """Branch p's kernel (dense) placed at ``offset`` in a zero kernel of ``window``'s size."""
     w = np.zeros(p.weight.shape[:2] + window.kernel_shape)
-    (eh, ew), (oy, ox) = p.extent, offset
-    w[:, :, oy : oy + eh, ox : ox + ew] = dense_kernel(np.asarray(p.weight, np.float64), p.dilations)
+    w[_window(offset, p.extent)] = dense_kernel(np.asarray(p.weight, np.float64), p.dilations)
     return w
 
 
 def merge_parallel(
     branches: Sequence[ConvParams],
     allow_growth: bool = False,
-    input_hw: Optional[Tuple[int, int]] = None,
+    input_size: Optional[Sequence[int]] = None,
 ) -> ConvParams:
     """Sum of convolutions of one input tensor as one convolution (docs/rules.md §4).
 
@@ -273,7 +318,7 @@ def merge_parallel(
     for p in branches[1:]:
         if p.weight.shape[0] != branches[0].weight.shape[0]:
             raise Decline(f"different output channels {branches[0].weight.shape[0]} vs {p.weight.shape[0]}")
-    window, offsets = common_window(branches, allow_growth, input_hw)
+    window, offsets = common_window(branches, allow_growth, input_size)
     w = sum(_placed(p, window, off) for p, off in zip(branches, offsets))
     b = sum(np.asarray(p.bias, np.float64) for p in branches)
     return replace(window, weight=w, bias=b)
@@ -282,7 +327,7 @@ def merge_parallel(
 def concat_parallel(
     branches: Sequence[ConvParams],
     allow_growth: bool = False,
-    input_hw: Optional[Tuple[int, int]] = None,
+    input_size: Optional[Sequence[int]] = None,
 ) -> ConvParams:
     """Concat(axis=1) of convolutions of one input as one convolution (docs/rules.md §5).
 
@@ -292,25 +337,30 @@ def concat_parallel(
     ``allow_growth``, every branch must already read the whole window.
     """
     dense = [densify_groups(p) for p in branches]
-    window, offsets = common_window(dense, allow_growth=allow_growth, input_hw=input_hw)
+    window, offsets = common_window(dense, allow_growth=allow_growth, input_size=input_size)
     if not allow_growth:
         for p in dense:
             if p.extent != window.kernel_shape:
                 raise Decline(
-                    f"a {p.extent[0]}x{p.extent[1]} branch would be padded to the {window.kernel_shape[0]}x"
-                    f"{window.kernel_shape[1]} window: more MACs than the separate convs (--allow-growth allows it)"
+                    f"a {dims_str(p.extent)} branch would be padded to the {dims_str(window.kernel_shape)} "
+                    "window: more MACs than the separate convs (--allow-growth allows it)"
                 )
     w = np.concatenate([_placed(p, window, off) for p, off in zip(dense, offsets)], axis=0)
     b = np.concatenate([np.asarray(p.bias, np.float64) for p in dense])
     return regroup(replace(window, weight=w, bias=b))
 
 
-def pad_into_conv(p: ConvParams, pad_top: int, pad_left: int, pad_bottom: int, pad_right: int) -> ConvParams:
-    """A constant-zero Pad of H/W before a conv adds to the conv's pads (docs/rules.md §8)."""
-    if min(pad_top, pad_left, pad_bottom, pad_right) < 0:
+def pad_into_conv(p: ConvParams, *pads: int) -> ConvParams:
+    """A constant-zero Pad of the spatial axes before a conv adds to the conv's pads (docs/rules.md §8).
+
+    ``pads`` are the Pad's spatial pads in the conv's order (begins, then ends; for 2-D
+    top, left, bottom, right).
+    """
+    if len(pads) != len(p.pads):
+        raise Decline(f"{len(pads)} pads for a {p.ndim}-D conv")
+    if min(pads) < 0:
         raise Decline("negative pads (cropping) do not fold into a conv")
-    t, l, b, r = p.pads
-    return replace(p, pads=(t + pad_top, l + pad_left, b + pad_bottom, r + pad_right))
+    return replace(p, pads=tuple(a + int(b) for a, b in zip(p.pads, pads)))
 
 
 # --------------------------------------------------------------------------------------
@@ -318,10 +368,9 @@ def pad_into_conv(p: ConvParams, pad_top: int, pad_left: int, pad_bottom: int, p
 # --------------------------------------------------------------------------------------
 
 
-def conv_macs(p: ConvParams, out_hw: Tuple[int, int]) -> int:
-    """Multiply-accumulates of one image: Cout * Cin/g * kh * kw * Hout * Wout."""
-    cout, cin_g, kh, kw = p.weight.shape
-    return int(cout * cin_g * kh * kw * out_hw[0] * out_hw[1])
+def conv_macs(p: ConvParams, out_size: Sequence[int]) -> int:
+    """Multiply-accumulates of one image: Cout * Cin/g * prod(kernel) * prod(output size)."""
+    return math.prod(int(d) for d in p.weight.shape) * math.prod(int(d) for d in out_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -375,7 +424,7 @@ def _common_divisors(a: int, b: int):
 
 
 def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
-    """conv2(conv1(x)) as one conv, when that is exact.
+    """conv2(conv1(x)) as one conv, when that is exact (any number of spatial axes, per axis).
 
     * conv2 has no padding: always exact. With conv1 dense-ified (dilation 1, extent E1) and
       conv2's taps l (dilation d2), the composite tap a = l*d2*s1 + k has
@@ -388,6 +437,8 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
     Otherwise the composite would be wrong on the border: Decline. Groups are composed on the
     dense (block-diagonal) form and recovered with :func:`regroup`.
     """
+    if p1.ndim != p2.ndim:
+        raise Decline(f"a {p1.ndim}-D conv followed by a {p2.ndim}-D conv")
     if p2.in_channels != p1.out_channels:
         raise Decline(f"channel mismatch {p1.out_channels} -> {p2.in_channels}")
     d1, d2 = densify_groups(p1), densify_groups(p2)
@@ -396,38 +447,36 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
     b1 = np.asarray(p1.bias, np.float64)
     b2 = np.asarray(p2.bias, np.float64)
     if any(p2.pads):
-        pointwise = p1.kernel_shape == (1, 1) and p1.strides == (1, 1)
+        pointwise = all(k == 1 for k in p1.kernel_shape) and all(s == 1 for s in p1.strides)
         if not pointwise:
             raise Decline("the second conv pads the first conv's output, and the first is not a stride-1 1x1")
         if np.any(b1 != 0):
             raise Decline("the second conv pads with zeros but the first conv's bias is not zero: wrong on the border")
-        w = np.einsum("om...,mi->oi...", w2, w1[:, :, 0, 0], optimize=True)
+        w = np.einsum("om...,mi->oi...", w2, w1.reshape(w1.shape[:2]), optimize=True)
         pads = tuple(a + b for a, b in zip(p1.pads, p2.pads))
         fused = ConvParams(weight=w, bias=b2.copy(), strides=p2.strides, pads=pads, dilations=p2.dilations)
         return regroup(fused)
-    (s1h, s1w), (s2h, s2w) = p1.strides, p2.strides
-    (l2h, l2w), (dh, dw) = p2.kernel_shape, p2.dilations
-    e1h, e1w = w1.shape[2:]
-    ah, aw = (l2h - 1) * dh * s1h + e1h, (l2w - 1) * dw * s1w + e1w
-    w = np.zeros((w2.shape[0], w1.shape[1], ah, aw))
-    for lh in range(l2h):
-        for lw in range(l2w):
-            oy, ox = lh * dh * s1h, lw * dw * s1w
-            w[:, :, oy : oy + e1h, ox : ox + e1w] += np.einsum("om,mikl->oikl", w2[:, :, lh, lw], w1, optimize=True)
+    e1 = w1.shape[2:]
+    size = tuple((l2 - 1) * d * s1 + e for l2, d, s1, e in zip(p2.kernel_shape, p2.dilations, p1.strides, e1))
+    w = np.zeros((w2.shape[0], w1.shape[1]) + size)
+    for tap in np.ndindex(*p2.kernel_shape):
+        start = tuple(t * d * s1 for t, d, s1 in zip(tap, p2.dilations, p1.strides))
+        w[_window(start, e1)] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + tap], w1, optimize=True)
     b = b2 + np.einsum("oml,m->o", w2.reshape(w2.shape[0], w2.shape[1], -1), b1)
-    fused = ConvParams(weight=w, bias=b, strides=(s1h * s2h, s1w * s2w), pads=p1.pads)
+    strides = tuple(a * b for a, b in zip(p1.strides, p2.strides))
+    fused = ConvParams(weight=w, bias=b, strides=strides, pads=p1.pads)
     return regroup(fused)
 
 
 def avgpool_conv(channels: int, kernel, strides, pads, count_include_pad: bool) -> ConvParams:
-    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/(kh*kw) (docs/rules.md §7).
+    """AveragePool(k, s, pads) on C channels as a depthwise conv with weight 1/prod(k) (docs/rules.md §7).
 
     Exact when there is no padding or the padding counts in the average; Decline otherwise.
     """
     if any(pads) and not count_include_pad:
         raise Decline("AveragePool with padding and count_include_pad=0 divides border windows by fewer taps")
-    kh, kw = kernel
-    w = np.full((channels, 1, kh, kw), 1.0 / (kh * kw))
+    kernel = tuple(int(k) for k in kernel)
+    w = np.full((channels, 1) + kernel, 1.0 / math.prod(kernel))
     return ConvParams(weight=w, bias=np.zeros(channels), strides=tuple(strides), pads=tuple(pads), group=channels)
 
 

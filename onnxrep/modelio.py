@@ -535,17 +535,46 @@ def write_text(path: str, text: str) -> None:
     _replace_file(path, t.path, lambda location, fd: data, False, ())
 
 
-def session(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
+#: Serialized size from which a session is opened from a temporary file rather than from
+#: bytes: onnxruntime keeps a second copy of the weights when given bytes (measured: 2x the
+#: model's size at rest, plus the bytes themselves while it parses), but only one when given a
+#: path. Below this size the file round trip costs more than the memory is worth.
+FILE_SESSION_BYTES = 32 << 20
+
+
+def session(model: onnx.ModelProto, options: ort.SessionOptions,
+            extra_outputs: Sequence[onnx.ValueInfoProto] = ()) -> ort.InferenceSession:
     """An onnxruntime CPU session for a model of any size.
+
+    ``extra_outputs`` are appended to the graph's outputs without copying the model: a
+    serialized ``ModelProto`` holding only those outputs is concatenated to the model's
+    serialization, which protobuf parses as the model with the outputs appended
+    (docs/files.md, "Sessions").
 
     Silent whatever ``options`` say (their log severity is set to fatal-only): onnxruntime's
     errors reach the caller as exceptions reduced to one readable line, at creation and from
     ``run`` alike (see :mod:`onnxrep.runtime`).
     """
     providers = ["CPUExecutionProvider"]
-    if not needs_external_data(model):
-        return runtime.open_session(model.SerializeToString(), options, providers)
-    with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        save(model, path, True)
-        return runtime.open_session(path, options, providers)
+    extra = b""
+    if extra_outputs:
+        extra = onnx.ModelProto(graph=onnx.GraphProto(output=list(extra_outputs))).SerializeToString()
+    external = needs_external_data(model)
+    if not external and model.ByteSize() < FILE_SESSION_BYTES:
+        return runtime.open_session(model.SerializeToString() + extra, options, providers)
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            if external:
+                save(model, path, True)
+            else:
+                with open(path, "wb") as f:
+                    f.write(model.SerializeToString())  # the bytes are freed before onnxruntime reads
+            if extra:
+                with open(path, "ab") as f:
+                    f.write(extra)
+            return runtime.open_session(path, options, providers)
+    except OSError:  # no room for the temporary file: a model that fits in one protobuf goes by bytes
+        if external:
+            raise
+        return runtime.open_session(model.SerializeToString() + extra, options, providers)

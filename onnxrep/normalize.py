@@ -165,7 +165,7 @@ def infer_shapes(graph: gs.Graph) -> None:
     for name, t in tensors.items():
         if not isinstance(t, gs.Constant) or not name:
             continue
-        if t.values.size <= _LIGHT_TENSOR:
+        if int(np.prod(t.shape, dtype=np.int64)) <= _LIGHT_TENSOR:  # t.shape leaves a lazy weight unread
             light.graph.initializer.append(OnnxExporter.export_tensor_proto(t))
         else:
             elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))

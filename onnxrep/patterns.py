@@ -12,15 +12,16 @@ Rules import these (and the graph, kernels and pass-manager layers), never each 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
 from .errors import Decline
-from .graph import RepGraph, channels_of, const_value, producer, spatial_hw, static_shape
-from .cost import layer_output_flops, resolved_hw
-from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, merge_parallel
+from .graph import RepGraph, channels_of, const_value, producer, spatial_size, static_shape
+from .cost import layer_output_flops, resolved_size
+from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, dims_str, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
 #: Ops that join parallel branches by a signed sum.
@@ -43,8 +44,7 @@ class Leaf:
     @property
     def kind(self) -> str:
         if self.conv is not None:
-            kh, kw = self.conv.kernel_shape
-            return f"conv{kh}x{kw}"
+            return f"conv{dims_str(self.conv.kernel_shape)}"
         if self.linear is not None:
             return "linear"
         return "bn" if self.nodes else "identity"
@@ -167,7 +167,7 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
         if params is None:  # only asked whether such a sibling exists
             return True
         try:  # the merge merge_parallel_add would make, and what it would cost
-            merged = merge_parallel([leaf.conv, params], input_hw=spatial_hw(base))
+            merged = merge_parallel([leaf.conv, params], input_size=spatial_size(base))
         except Decline:
             continue
         if merged.weight.size <= leaf.conv.weight.size:
@@ -185,7 +185,7 @@ def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int, 
     not be exact."""
     # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
     # shape alone before building it, unless a parallel branch might absorb it.
-    predicted = _predicted_flops(p1, p2, resolved_hw(ctx.graph, out))
+    predicted = _predicted_flops(p1, p2, resolved_size(ctx.graph, out))
     if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
         raise Decline(f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)")
     if not build and (predicted <= before or ctx.allow_growth) and composes_exactly(p1, p2):
@@ -199,24 +199,24 @@ def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int, 
     raise Decline(f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)")
 
 
-def _predicted_flops(p1: ConvParams, p2: ConvParams, out_hw) -> int:
+def _predicted_flops(p1: ConvParams, p2: ConvParams, out_size) -> int:
     """FLOPs of compose_sequential(p1, p2) from the shapes alone (an upper bound: regrouping
     can only make it cheaper)."""
     group = p1.group if p1.group == p2.group else 1
     if any(p2.pads):
-        kh, kw = p2.kernel_shape
+        window = p2.kernel_shape
     else:
-        (e1h, e1w), (l2h, l2w) = p1.extent, p2.kernel_shape
-        kh = (l2h - 1) * p2.dilations[0] * p1.strides[0] + e1h
-        kw = (l2w - 1) * p2.dilations[1] * p1.strides[1] + e1w
-    ho, wo = out_hw or (1, 1)
-    return 2 * p2.out_channels * (p1.in_channels // group) * kh * kw * ho * wo
+        window = tuple((l2 - 1) * d2 * s1 + e1 for l2, d2, s1, e1 in zip(p2.kernel_shape, p2.dilations, p1.strides,
+                                                                          p1.extent))
+    size = out_size or ()
+    return 2 * p2.out_channels * (p1.in_channels // group) * math.prod(window) * math.prod(size)
 
 
 def composes_exactly(p1: ConvParams, p2: ConvParams) -> bool:
     """Whether kernels.compose_sequential accepts the pair (without building the composite)."""
-    if p2.in_channels != p1.out_channels:
+    if p2.in_channels != p1.out_channels or p1.ndim != p2.ndim:
         return False
     if not any(p2.pads):
         return True
-    return p1.kernel_shape == (1, 1) and p1.strides == (1, 1) and not np.any(np.asarray(p1.bias) != 0)
+    pointwise = all(k == 1 for k in p1.kernel_shape) and all(s == 1 for s in p1.strides)
+    return pointwise and not np.any(np.asarray(p1.bias) != 0)

@@ -411,7 +411,9 @@ def expected_flops(g, nodes, x, y, c_in: int, c_out: int) -> int:
 
 
 def region_strides(g, nodes, x, y):
-    """The accumulated stride from x to y (every path must agree), or None."""
+    """The accumulated stride from x to y (every path must agree), or None. Declines when a
+    layer of the region is not 2-D: regions are probed as images (kernels.kernel_from_impulses),
+    so 1-D and 3-D convs are left to the specific rules."""
     order = toposort(nodes)
     stride = {x.name: (1, 1)}
     for node in order:
@@ -422,7 +424,13 @@ def region_strides(g, nodes, x, y):
             continue
         s = ins[0]
         if node.op in ("Conv", "AveragePool"):
+            if node.op == "Conv":
+                dims = np.ndim(const_value(node.inputs[1])) - 2
+            else:
+                dims = len(node.attrs.get("kernel_shape", ()))
             k = tuple(int(v) for v in node.attrs.get("strides", (1, 1)))
+            if dims != 2 or len(k) != 2:
+                raise Decline(f"'{node.name}' is a {dims}-D {node.op}: only 2-D regions are probed")
             s = (s[0] * k[0], s[1] * k[1])
         for o in node.outputs:
             stride[o.name] = s

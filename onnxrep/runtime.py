@@ -95,3 +95,45 @@ def open_session(source, options: ort.SessionOptions, providers) -> Session:
         return Session(source, silence(options), providers=providers)
     except Exception as exc:
         raise clean(exc) from None
+
+
+#: glibc's mallopt parameter for the size from which allocations are mapped on their own.
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(threshold: int = 1 << 20) -> bool:
+    """Map every allocation of ``threshold`` bytes or more on its own (glibc only; False elsewhere).
+
+    glibc raises its mapping threshold after a large block is freed (up to 32 MiB), and from
+    then on serves weight-sized buffers from the heap, which it keeps after they are freed: a
+    protobuf onnxruntime parses and drops, or weights a rewrite replaced, then stay in the
+    process and add up to a second copy of the model. A fixed threshold returns them to the
+    system when freed. This changes the whole process's allocator, so only the command line
+    (which owns its process) calls it."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    onnxruntime frees a session's weights to the C heap, which glibc keeps for reuse; without
+    this, the reference session's memory still counts towards the process's peak while the
+    rewritten model is built and checked."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None

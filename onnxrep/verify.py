@@ -19,7 +19,7 @@ See docs/verification.md for the reasoning; in short:
 * Shapes: the resolved input shapes and, when an input has a dynamic dim, a second shape the
   original accepts (:func:`second_shapes`).
 * Tensor by tensor: every float tensor produced by a node of the original is also compared
-  wherever the candidate has a tensor of that name, within :data:`TENSOR_BUDGET_BYTES` of stored
+  wherever the candidate has a tensor of that name, within :func:`default_tensor_budget` of stored
   reference values; the first diverging one in the candidate's node order is reported with the
   node that produces it.
 """
@@ -57,8 +57,23 @@ DEFAULT_DRAWS = len(DRAW_KINDS)
 LARGE_SCALE = {"float16": 1e2}
 LARGE_SCALE_DEFAULT = 1e3
 #: Reference values of intermediate tensors kept for the tensor-by-tensor comparison, over all
-#: draws and shapes together. Graph outputs are always compared and not counted.
-TENSOR_BUDGET_BYTES = 256 << 20
+#: draws and shapes together: half the model's weights, within these bounds, so that they
+#: never dominate the memory a run needs (docs/verification.md). Graph outputs are always
+#: compared and not counted.
+TENSOR_BUDGET_MIN_BYTES = 32 << 20
+TENSOR_BUDGET_MAX_BYTES = 256 << 20
+
+
+def default_tensor_budget(model: onnx.ModelProto) -> int:
+    """The budget for ``model``'s intermediate tensors (see TENSOR_BUDGET_MIN_BYTES)."""
+    weights = 0
+    for t in model.graph.initializer:
+        try:
+            size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # strings and the like: not weights
+            continue
+        weights += int(np.prod(t.dims, dtype=np.int64)) * size
+    return int(min(TENSOR_BUDGET_MAX_BYTES, max(TENSOR_BUDGET_MIN_BYTES, weights // 2)))
 
 _FLOAT_TYPES = {
     TensorProto.DOUBLE: "float64",
@@ -177,12 +192,13 @@ class VerifyResult:
 # --------------------------------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto, label: str) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, label: str, extra: Sequence[Tuple[str, int]] = ()) -> ort.InferenceSession:
+    """A session on ``model`` that also outputs ``extra`` ((name, elem_type) pairs)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:
-        return modelio.session(model, opts)
+        return modelio.session(model, opts, _outputs(extra))
     except Exception as exc:
         raise OnnxrepError(
             f"{label}: onnxruntime cannot run this model, so it cannot be verified ({first_line(exc)}); "
@@ -361,12 +377,9 @@ def make_inputs(session: ort.InferenceSession, shapes: Dict[str, List[int]], dra
     return feeds
 
 
-def _with_outputs(model: onnx.ModelProto, extra: Sequence[Tuple[str, int]]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``extra`` ((name, elem_type) pairs)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.graph.output.extend(helper.make_tensor_value_info(name, elem, None) for name, elem in extra)
-    return copy
+def _outputs(extra: Sequence[Tuple[str, int]]) -> List[onnx.ValueInfoProto]:
+    """Graph outputs for ``extra`` ((name, elem_type) pairs), shapes left to the runtime."""
+    return [helper.make_tensor_value_info(name, elem, None) for name, elem in extra]
 
 
 def _shape_text(shapes: Dict[str, List[int]]) -> str:
@@ -449,7 +462,7 @@ class Verifier:
         seed: int = 0,
         *,
         compare_tensors: bool = True,
-        tensor_budget: int = TENSOR_BUDGET_BYTES,
+        tensor_budget: Optional[int] = None,
         second_shape: bool = True,
     ):
         """
@@ -460,11 +473,14 @@ class Verifier:
             atol: absolute floor replacing the relative one (floor_rel * max|ref|); None: relative.
             draws: float input draws per shape, cycling through DRAW_KINDS.
             compare_tensors: also compare intermediate tensors present in both models.
-            tensor_budget: bytes of intermediate reference values kept for that.
+            tensor_budget: bytes of intermediate reference values kept for that (default:
+                :func:`default_tensor_budget` of the reference).
             second_shape: also verify at a second input shape when an input has dynamic dims.
         """
         if draws < 1:
             raise OnnxrepError(f"{label}: --verify-draws must be at least 1")
+        if tensor_budget is None:
+            tensor_budget = default_tensor_budget(reference)
         self.dtype = computation_dtype(reference)
         d_rtol, self.floor_rel = TOLERANCES[self.dtype]
         self.rtol = d_rtol if rtol is None else float(rtol)
@@ -505,7 +521,7 @@ class Verifier:
         self._stored = 0  # bytes of intermediate reference values kept
 
         try:
-            session = _session(_with_outputs(reference, taps) if taps else reference, label)
+            session = _session(reference, label, taps)
         except OnnxrepError:
             if not taps:
                 raise
@@ -624,7 +640,7 @@ class Verifier:
         session = None
         if taps:
             try:
-                session = _session(_with_outputs(candidate, taps), f"{self.label} (optimized)")
+                session = _session(candidate, f"{self.label} (optimized)", taps)
             except OnnxrepError:
                 taps = []
                 result.notes.append("intermediate tensors not compared (onnxruntime cannot output them)")

@@ -32,6 +32,10 @@ Per model (timm, ``pretrained=False``, fixed seed):
   excluded), max |error| and relative error (max|d| / max|y_ref|) against the training export run
   by onnxruntime with ORT_DISABLE_ALL on one random input (seed 0), and whether that is within
   onnxrep's tolerance (max|d| <= 1e-5 + 1e-4 * max|y_ref|);
+* whole command lines, as a user runs them after an export: ``python -m onnxrep train.onnx -o out -q``
+  (verification included), ``onnxslim train.onnx out`` and ``onnxsim train.onnx out``, each in its own
+  process, ``--cli-repeats`` interleaved rounds (the order rotates each round); per tool the fastest
+  round's wall time and that process's peak RSS (``os.wait4`` rusage), next to the model file's size;
 * latency: onnxruntime CPU, ORT_ENABLE_ALL for every variant (the fair deploy setting: the
   runtime's own Conv+BN / Conv+activation fusions apply to all of them), intra_op_num_threads=1,
   inter_op_num_threads=1, batch 1; one process holds a session for every variant; after warm-up,
@@ -40,8 +44,9 @@ Per model (timm, ``pretrained=False``, fixed seed):
   ``--max-rounds`` rounds); reported: median per variant and its ratio to the reference's median.
 
 Outputs (``--out``, default benchmarks/): results.json (everything, raw latency samples
-included), results.csv (one row per model/variant), tables.md (the markdown tables) and
-latency.png (latency / reference per model and tool).
+included), results.csv (one row per model/variant), tables.md (the markdown tables),
+latency.png (latency / reference per model and tool) and cli.png (onnxrep's whole-CLI wall time and
+peak RSS as ratios to onnxslim's).
 """
 
 from __future__ import annotations
@@ -473,6 +478,8 @@ def run_model(name, args, log) -> dict:
             else:
                 print(f"[{name}] {exp}.{tool}: FAILED {res['error']}", flush=True)
 
+    if args.cli_repeats > 0:
+        entry["cli"] = run_cli(name, folder, args, log)
     if args.budget <= 0:
         return entry
     variants = []
@@ -501,6 +508,140 @@ def run_model(name, args, log) -> dict:
     else:
         entry["latency"] = {"error": f"latency worker failed (rc {rc}): {_last_line(log)}"}
     return entry
+
+
+# ---- whole command lines: wall time and peak memory ---------------------------------------
+
+CLI_TOOLS = ["onnxrep", "onnxslim", "onnxsim"]
+
+
+def _cli_argv(tool, src, dst):
+    bindir = os.path.dirname(sys.executable)
+    if tool == "onnxrep":
+        return [sys.executable, "-m", "onnxrep", src, "-o", dst, "-q"]
+    exe = os.path.join(bindir, tool)
+    return [exe if os.path.exists(exe) else tool, src, dst]
+
+
+def _run_measured(argv, timeout, log):
+    """Wall seconds and peak RSS (bytes) of one child process, from its own rusage (os.wait4)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(log, "a") as lf:
+        lf.write(f"\n$ {' '.join(argv)}\n")
+        lf.flush()
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = t + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                p.kill()
+                pid, status, usage = os.wait4(p.pid, 0)
+                p.returncode = -9
+                return None, None, "timeout"
+            time.sleep(0.005)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss * 1024, p.returncode
+
+
+def run_cli(name, folder, args, log) -> dict:
+    """Every command-line tool on every training export, ``--cli-repeats`` interleaved rounds (the tool
+    order rotates each round); per tool the fastest round's wall time and that round's peak RSS."""
+    out = {}
+    tools = [t for t in CLI_TOOLS if t in args.tools]
+    for exp in args.exports:
+        src = os.path.join(folder, f"train_{exp}.onnx")
+        if not os.path.exists(src):
+            continue
+        runs = {t: [] for t in tools}
+        for r in range(args.cli_repeats):
+            for t in tools[r % len(tools):] + tools[:r % len(tools)]:
+                dst = os.path.join(folder, f"{exp}.{t}.cli.onnx")
+                if os.path.exists(dst):
+                    os.remove(dst)
+                wall, rss, rc = _run_measured(_cli_argv(t, src, dst), args.tool_timeout, log)
+                runs[t].append({"wall_s": wall, "peak_rss": rss, "rc": rc,
+                                "out_bytes": os.path.getsize(dst) if rc == 0 and os.path.exists(dst) else None})
+        for t, rs in runs.items():
+            good = [x for x in rs if x["rc"] == 0]
+            best = min(good, key=lambda x: x["wall_s"]) if good else None
+            out[f"{exp}.{t}"] = {"tool": t, "export": exp, "file_bytes": os.path.getsize(src), "runs": rs,
+                                 "wall_s": best and best["wall_s"], "peak_rss": best and best["peak_rss"],
+                                 "out_bytes": best and best["out_bytes"],
+                                 "error": None if best else f"exit {rs[-1]['rc']}: {_last_line(log)}"}
+        for t in tools:
+            e = out[f"{exp}.{t}"]
+            print(f"[{name}] cli {exp}.{t}: " + (f"{e['wall_s']:.2f}s, peak {e['peak_rss'] / 2**20:.0f} MiB"
+                                                  if e["wall_s"] else f"FAILED {e['error']}"), flush=True)
+    return out
+
+
+def cli_markdown(results) -> str:
+    out = ["| model | export | file MiB | onnxrep s | onnxslim s | onnxsim s | **onnxrep / onnxslim** | onnxrep peak MiB "
+           "(x file) | onnxslim peak MiB | onnxsim peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in results["models"].items():
+        cli = entry.get("cli") or {}
+        for exp in EXPORTS:
+            rows = {t: cli.get(f"{exp}.{t}") for t in CLI_TOOLS}
+            if not any(rows.values()):
+                continue
+            size = next(r["file_bytes"] for r in rows.values() if r)
+
+            def wall(t):
+                r = rows[t]
+                return "-" if r is None else ("fail" if not r["wall_s"] else f"{r['wall_s']:.2f}")
+
+            def rss(t, rel=False):
+                r = rows[t]
+                if r is None or not r["peak_rss"]:
+                    return "-"
+                mib = r["peak_rss"] / 2**20
+                return f"{mib:.0f} ({r['peak_rss'] / size:.1f}x)" if rel else f"{mib:.0f}"
+
+            a, b = rows["onnxrep"], rows["onnxslim"]
+            ratio = f"**{a['wall_s'] / b['wall_s']:.2f}**" if a and b and a["wall_s"] and b["wall_s"] else "-"
+            out.append(f"| {name} | {exp} | {size / 2**20:.1f} | {wall('onnxrep')} | {wall('onnxslim')} | {wall('onnxsim')} | "
+                       f"{ratio} | {rss('onnxrep', True)} | {rss('onnxslim')} | {rss('onnxsim')} |")
+    return "\n".join(out)
+
+
+def cli_plot(results, path):
+    """Per model and export: onnxrep's whole-CLI wall time and peak RSS, each as a ratio to onnxslim's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels, wall, mem = [], [], []
+    for name, entry in results["models"].items():
+        cli = entry.get("cli") or {}
+        for exp in EXPORTS:
+            a, b = cli.get(f"{exp}.onnxrep"), cli.get(f"{exp}.onnxslim")
+            if not (a and b and a["wall_s"] and b["wall_s"]):
+                continue
+            labels.append(f"{name}\n{exp}")
+            wall.append(a["wall_s"] / b["wall_s"])
+            mem.append(a["peak_rss"] / b["peak_rss"])
+    if not labels:
+        return
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels) + 2), 4.2))
+    ax.bar(x - 0.2, wall, 0.4, label="wall time / onnxslim", color="#d62728")
+    ax.bar(x + 0.2, mem, 0.4, label="peak RSS / onnxslim", color="#1f77b4")
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("onnxrep / onnxslim (whole CLI)")
+    ax.set_title("onnxrep (verification included) vs onnxslim: command-line wall time and peak RSS", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def environment() -> dict:
@@ -750,12 +891,17 @@ def plot(results, path):
 def report(results, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "tables.md"), "w") as f:
-        f.write("## Summary\n\n" + summary_markdown(results) + "\n\n## Per model\n\n" + markdown(results) + "\n")
+        f.write("## Summary\n\n" + summary_markdown(results) + "\n\n## Whole command line: wall time and peak memory\n\n"
+                + cli_markdown(results) + "\n\n## Per model\n\n" + markdown(results) + "\n")
     write_csv(results, os.path.join(out_dir, "results.csv"))
     try:
         plot(results, os.path.join(out_dir, "latency.png"))
     except Exception as exc:
         print(f"plot failed: {one_line(exc)}", flush=True)
+    try:
+        cli_plot(results, os.path.join(out_dir, "cli.png"))
+    except Exception as exc:
+        print(f"cli plot failed: {one_line(exc)}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -769,6 +915,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-rounds", type=int, default=20)
     p.add_argument("--max-rounds", type=int, default=200)
     p.add_argument("--tool-timeout", type=int, default=900)
+    p.add_argument("--cli-repeats", type=int, default=2,
+                   help="interleaved rounds of the whole command lines (onnxrep, onnxslim, onnxsim); 0 skips them")
     p.add_argument("--export-timeout", type=int, default=1800)
     p.add_argument("--force-export", action="store_true", help="re-export even when cached")
     p.add_argument("--keep-layer-scale", action="store_true", help="leave timm's LayerScale gammas at their init (1e-5)")
@@ -791,7 +939,8 @@ def main(argv=None) -> int:
             results = json.load(f)
     results["command"] = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results["environment"] = environment()
-    results["settings"] = {k: getattr(args, k) for k in ("budget", "min_rounds", "max_rounds", "tools", "exports", "keep_layer_scale")}
+    results["settings"] = {k: getattr(args, k) for k in ("budget", "min_rounds", "max_rounds", "tools", "exports", "keep_layer_scale",
+                                                             "cli_repeats")}
     os.makedirs(args.cache, exist_ok=True)
     log = os.path.join(args.cache, "bench.log")
     for name in args.models:

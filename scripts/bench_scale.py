@@ -24,7 +24,8 @@ own subprocess (the driver stays small) to a temporary folder that is removed at
 What it measures, per N, each in a fresh subprocess (so that peak RSS belongs to one run):
 
 * the model file size;
-* ``onnxrep.optimize(path, verify_draws=..., verify=...)``: ``report.timings`` (load,
+* ``onnxrep.optimize(path, verify_draws=..., verify=...)``, after ``runtime.tune_allocator()``
+  as the command line calls it: ``report.timings`` (load,
   optimize, verify, total; "other" = total - load - optimize - verify is the before/after
   statistics), optimize and verify time per block, Conv count before/after, and the child's
   peak RSS (``VmHWM`` of /proc/self/status on Linux, which unlike ``ru_maxrss`` does not
@@ -150,6 +151,9 @@ def child_baseline(path: str) -> dict:
 def child_optimize(path: str, verify: bool, draws: int, skip: list, profile: str | None) -> dict:
     sys.path.insert(0, ROOT)
     import onnxrep
+    from onnxrep.runtime import tune_allocator
+
+    tune_allocator()  # as the command line does (docs/architecture.md, "Memory")
 
     kwargs = dict(verify=verify, verify_draws=draws, skip=skip or None)
     if profile:

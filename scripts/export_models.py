@@ -30,7 +30,9 @@ not selected by ``--only`` are kept). Everything is seeded, so re-running gives
 equivalent models.
 
 Manifest fields per file include ``tier`` (1: the seed families repvgg, acnet,
-mobileone, orepa_scale; 2: dbb_*, orepa, unireplk, inception, concat, chain_*, bsconv_*),
+mobileone, orepa_scale; 2: dbb_*, orepa, unireplk, inception, concat, chain_*, bsconv_*, and the
+1-D / 3-D families repvgg1d, repvgg3d, acnet3d, unireplk1d), ``input_shape`` (per family:
+N C H W, N C L for Conv1d, N C T H W for Conv3d),
 ``expected_conv`` (Conv count after full re-parameterization) and ``expected_note`` (one
 line: what the expected result is and why).
 
@@ -614,6 +616,94 @@ class BSConvSNet(nn.Module):
         return self.blocks(x)
 
 
+# --------------------------------------------------------------------------- tier 2: 1-D and 3-D convs
+
+CONV_ND = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN_ND = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+INPUT_1D = (1, 3, 32)  # audio / sequence: N C L
+INPUT_3D = (1, 3, 6, 8, 8)  # video: N C T H W
+
+
+def conv_bn_nd(dims: int, cin: int, cout: int, kernel, stride=1, padding=0, groups: int = 1,
+               dilation=1) -> nn.Sequential:
+    """conv_bn over ``dims`` spatial axes (Conv1d/Conv3d + BatchNorm1d/3d).
+
+    A Conv3d keeps its bias: for a bias-less Conv3d, torch 2.13's dynamo exporter with
+    optimize=False writes a zero bias of shape [Cout, 2], which onnxruntime rejects.
+    """
+    seq = nn.Sequential()
+    seq.add_module("conv", CONV_ND[dims](cin, cout, kernel, stride, padding, dilation=dilation, groups=groups,
+                                         bias=dims == 3))
+    seq.add_module("bn", BN_ND[dims](cout))
+    return seq
+
+
+class RepVGGBlockND(nn.Module):
+    """RepVGGBlock over ``dims`` spatial axes: ReLU(BN(conv3(x)) + BN(conv1(x)) [+ BN(x)])."""
+
+    def __init__(self, dims: int, cin: int, cout: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.rbr_dense = conv_bn_nd(dims, cin, cout, 3, stride, 1, groups)
+        self.rbr_1x1 = conv_bn_nd(dims, cin, cout, 1, stride, 0, groups)
+        self.rbr_identity = BN_ND[dims](cin) if (cin == cout and stride == 1) else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            out = out + self.rbr_identity(x)
+        return self.act(out)
+
+
+def repvgg1d_net() -> nn.Module:
+    return nn.Sequential(RepVGGBlockND(1, 3, 8, 2), RepVGGBlockND(1, 8, 8, 1), RepVGGBlockND(1, 8, 16, 2),
+                         RepVGGBlockND(1, 16, 16, 1, groups=2))
+
+
+def repvgg3d_net() -> nn.Module:
+    return nn.Sequential(RepVGGBlockND(3, 3, 4, 2), RepVGGBlockND(3, 4, 4, 1), RepVGGBlockND(3, 4, 8, 2),
+                         RepVGGBlockND(3, 8, 8, 1, groups=2))
+
+
+class ACBlock3d(nn.Module):
+    """ACNet for video: ReLU(BN(conv KxKxK) + BN(conv 1xKxK, spatial) + BN(conv Kx1x1, temporal))."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1):
+        super().__init__()
+        p = k // 2
+        self.cube = conv_bn_nd(3, cin, cout, (k, k, k), stride, (p, p, p))
+        self.spatial = conv_bn_nd(3, cin, cout, (1, k, k), stride, (0, p, p))
+        self.temporal = conv_bn_nd(3, cin, cout, (k, 1, 1), stride, (p, 0, 0))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.cube(x) + self.spatial(x) + self.temporal(x))
+
+
+def acnet3d_net() -> nn.Module:
+    return nn.Sequential(ACBlock3d(3, 4, 3, 1), ACBlock3d(4, 8, 3, 2), ACBlock3d(8, 8, 3, 1))
+
+
+class DilatedReparamBlock1d(nn.Module):
+    """UniRepLKNet's dilated reparam block on sequences: BN(dw k7) + BN(dw k5) + BN(dw k3 d2) + BN(dw k3 d3)."""
+
+    def __init__(self, c: int, kernel: int = 7, branches=((5, 1), (3, 2), (3, 3))):
+        super().__init__()
+        self.lk_origin = conv_bn_nd(1, c, c, kernel, 1, kernel // 2, groups=c)
+        self.dil = nn.ModuleList(conv_bn_nd(1, c, c, k, 1, d * (k - 1) // 2, groups=c, dilation=d) for k, d in branches)
+
+    def forward(self, x):
+        out = self.lk_origin(x)
+        for branch in self.dil:
+            out = out + branch(x)
+        return out
+
+
+def unireplk1d_net() -> nn.Module:
+    return nn.Sequential(conv_bn_nd(1, 3, 8, 3, 1, 1), nn.ReLU(), DilatedReparamBlock1d(8), nn.ReLU(),
+                         conv_bn_nd(1, 8, 8, 1), nn.ReLU())
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -628,6 +718,8 @@ class Family:
     expected_conv: int | None = None
     # Conv count expected with --allow-growth (rewrites that raise FLOPs); None: as expected_conv.
     expected_conv_allow_growth: int | None = None
+    # the example input (N C L for 1-D convs, N C H W, N C T H W for 3-D); the batch axis is dynamic
+    input_shape: tuple = INPUT_SHAPE
 
     @property
     def expected(self) -> int:
@@ -757,6 +849,43 @@ REGISTRY: dict[str, Family] = {
         expected_conv=6,
         expected_conv_allow_growth=2,
     ),
+    "repvgg1d": Family(
+        repvgg1d_net,
+        "RepVGG with Conv1d/BatchNorm1d (audio, sequences): BN(conv3)+BN(conv1)[+BN(x)], 3->8 s2, 8->8, "
+        "8->16 s2, 16->16 groups=2; input N x 3 x 32",
+        4,
+        "4: per axis the same algebra as 2-D RepVGG; each block (k3 + k1 [+ BN identity]) sums into one k3 Conv1d",
+        tier=2,
+        input_shape=INPUT_1D,
+    ),
+    "repvgg3d": Family(
+        repvgg3d_net,
+        "RepVGG with Conv3d/BatchNorm3d (video): BN(conv3x3x3)+BN(conv1x1x1)[+BN(x)], 3->4 s2, 4->4, 4->8 s2, "
+        "8->8 groups=2; input N x 3 x 6 x 8 x 8",
+        4,
+        "4: each block (3x3x3 + 1x1x1 [+ BN identity]) sums into one 3x3x3 Conv3d",
+        tier=2,
+        input_shape=INPUT_3D,
+    ),
+    "acnet3d": Family(
+        acnet3d_net,
+        "ACNet for video: BN(conv3x3x3)+BN(conv1x3x3 pad (0,1,1))+BN(conv3x1x1 pad (1,0,0)), 3->4, 4->8 s2, "
+        "8->8; input N x 3 x 6 x 8 x 8",
+        3,
+        "3: per block the spatial 1x3x3 and temporal 3x1x1 kernels nest centred in the 3x3x3 window: one Conv3d",
+        tier=2,
+        input_shape=INPUT_3D,
+    ),
+    "unireplk1d": Family(
+        unireplk1d_net,
+        "UniRepLKNet dilated reparam on sequences: stem Conv1d k3 3->8 + BN, ReLU; BN(dw k7) + BN(dw k5) + "
+        "BN(dw k3 d2) + BN(dw k3 d3) on 8 ch, ReLU; conv k1 + BN, ReLU; input N x 3 x 32",
+        3,
+        "3: stem + one depthwise k7 Conv1d (dilated k3 = extent (k-1)d+1 with zero taps, all centred in 7) "
+        "+ the pointwise k1; ReLUs separate them",
+        tier=2,
+        input_shape=INPUT_1D,
+    ),
 }
 
 EXPORTERS = ("ts", "dynamo", "dynamo_noopt")
@@ -786,7 +915,7 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     model = REGISTRY[name].constructor()
     randomize_bn(model, torch.Generator().manual_seed(seed + 1))
     model.eval()
-    x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(seed + 2))
+    x = torch.randn(REGISTRY[name].input_shape, generator=torch.Generator().manual_seed(seed + 2))
     return model, x
 
 
@@ -908,7 +1037,7 @@ def verify(model: nn.Module, x: torch.Tensor, path: str) -> tuple[float, bool]:
         raise RuntimeError(f"{path}: max abs error {err:.3g} >= {TOLERANCE}")
     dynamic = isinstance(batch_dim(proto), str)
     if dynamic:  # also check another batch size
-        x3 = torch.randn((3,) + INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(7))
+        x3 = torch.randn((3,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             ref3 = model(x3).numpy()
         err3 = float(np.max(np.abs(run_ort(path, x3.numpy()) - ref3)))
@@ -969,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
                     "family": name,
                     "exporter": exporter,
                     "opset": opset,
-                    "input_shape": list(INPUT_SHAPE),
+                    "input_shape": list(fam.input_shape),
                     "dynamic_batch": dynamic,
                     "tier": fam.tier,
                     "blocks": fam.blocks,

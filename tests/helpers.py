@@ -40,6 +40,37 @@ def conv2d_ref(x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)
     return y
 
 
+def convnd_ref(x, w, b=None, strides=None, pads=None, dilations=None, group=1):
+    """Direct (loop over taps) convolution over any number n of spatial axes in float64, ONNX
+    Conv semantics: pads are (begin_1..begin_n, end_1..end_n); strides, dilations one per axis."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n = x.ndim - 2
+    strides = tuple(strides or (1,) * n)
+    dilations = tuple(dilations or (1,) * n)
+    pads = tuple(pads or (0,) * (2 * n))
+    assert w.ndim == n + 2 and len(strides) == len(dilations) == n and len(pads) == 2 * n
+    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(pads[:n], pads[n:])))
+    out = [(xp.shape[2 + a] - ((w.shape[2 + a] - 1) * dilations[a] + 1)) // strides[a] + 1 for a in range(n)]
+    cout, cin_g = w.shape[:2]
+    cout_g = cout // group
+    y = np.zeros((x.shape[0], cout) + tuple(out))
+    for g in range(group):
+        for tap in np.ndindex(*w.shape[2:]):
+            window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dilations, out, strides))
+            patch = xp[(slice(None), slice(g * cin_g, (g + 1) * cin_g)) + window]
+            taps = w[(slice(g * cout_g, (g + 1) * cout_g), slice(None)) + tap]
+            y[:, g * cout_g : (g + 1) * cout_g] += np.einsum("nc...,oc->no...", patch, taps)
+    if b is not None:
+        y += np.asarray(b, np.float64).reshape((1, -1) + (1,) * n)
+    return y
+
+
+def convnd_params_ref(x, p):
+    """convnd_ref with a kernels.ConvParams."""
+    return convnd_ref(x, p.weight, p.bias, p.strides, p.pads, p.dilations, p.group)
+
+
 def conv_params_ref(x, p):
     """conv2d_ref with a kernels.ConvParams."""
     return conv2d_ref(x, p.weight, p.bias, p.strides, p.pads, p.dilations, p.group)

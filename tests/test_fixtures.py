@@ -27,7 +27,7 @@ GROWTH = [e for e in MANIFEST if e["expected_conv_allow_growth"] != e["expected_
     [
         (CORE, {"repvgg", "acnet", "mobileone", "orepa_scale"}),
         (EXTENDED, {"dbb_slice", "dbb_padsub", "orepa", "unireplk", "inception", "concat", "chain_nobias",
-                    "chain_bias", "bsconv_u", "bsconv_s"}),
+                    "chain_bias", "bsconv_u", "bsconv_s", "repvgg1d", "repvgg3d", "acnet3d", "unireplk1d"}),
     ],
     ids=["core", "extended"],
 )

@@ -382,7 +382,7 @@ def test_merge_parallel_is_exact(name):
     check_merge_exact(branches, x, merged)
 
     # Checking the output size for this input changes nothing.
-    again = merge_parallel(branches, input_hw=hw)
+    again = merge_parallel(branches, input_size=hw)
     np.testing.assert_array_equal(again.weight, merged.weight)
     assert again.pads == merged.pads
     # The branches are left untouched.
@@ -455,7 +455,7 @@ def test_merge_parallel_declines(branches, match):
 )
 def test_merge_parallel_declines_when_output_sizes_differ(branches, hw):
     with pytest.raises(Decline, match="differ"):
-        merge_parallel(branches, input_hw=hw)
+        merge_parallel(branches, input_size=hw)
 
 
 @pytest.mark.parametrize("order", [1, -1])
@@ -467,7 +467,7 @@ def test_merge_parallel_stride2_floor_even_input_is_exact(order):
     """
     rng = rng_for("floor", order)
     branches = make_branches(rng, 3, 4, 1, 2, [K(3, 3, (1, 1, 0, 0)), K(1, 1, 0)])[::order]
-    merged = merge_parallel(branches, input_hw=(8, 10))
+    merged = merge_parallel(branches, input_size=(8, 10))
     assert merged.kernel_shape == (3, 3)
     check_merge_exact(branches, rng.standard_normal((2, 3, 8, 10)), merged)
     for hw in [(7, 9), (8, 9), (9, 10), (5, 5)]:

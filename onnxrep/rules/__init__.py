@@ -16,6 +16,7 @@ from .border_pad import FoldBorderPadIntoConv
 from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
 from .gelu import CanonicalizeGelu
+from .layout import PropagateTransposes
 from .matmul_bn import FoldBnThroughReshape
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
@@ -24,6 +25,7 @@ from .sequential import ComposeSequentialConvs
 #: Every rule, in the order they run within each pass (an explicit tuple: no registration by
 #: import side effects). Those with ``default = False`` run only when enabled.
 DEFAULT_RULES: Tuple[Rule, ...] = (
+    PropagateTransposes(),  # first: later rules see NCHW blocks
     FoldPadIntoConv(),
     FoldBorderPadIntoConv(),
     FoldBnIntoConv(),

@@ -71,7 +71,6 @@ class FoldBorderPadIntoConv(Rule):
             return None
         if g.escapes([conv, *spec.nodes], keep=node.outputs):
             return None
-        top, left, bottom, right = spec.pads
         bias = np.asarray(p.bias, np.float64)
         value = spec.value_for(len(bias))
         tol = BIAS_RTOL * max(1.0, float(np.max(np.abs(bias))), float(np.max(np.abs(value))))
@@ -80,7 +79,7 @@ class FoldBorderPadIntoConv(Rule):
             shown = f"{value[0]:g}" if np.all(value == value[0]) else "per channel"
             raise Decline(f"{node.op} '{node.name}' border value {shown} is not the bias of Conv '{conv.name}' "
                           f"(max |b - c| {err:.2e})")
-        padded = pad_into_conv(p, top, left, bottom, right)
+        padded = pad_into_conv(p, *spec.pads)
         try:
             _composes_next(ctx, node, conv, p, padded)
         except Decline as exc:

@@ -22,7 +22,7 @@ from typing import List
 import numpy as np
 
 from ..errors import Decline
-from ..graph import spatial_hw
+from ..graph import spatial_size
 from ..kernels import ConvParams, concat_parallel, diagonal_conv
 from ..passes import Context, Match, Rewrite, Rule
 from ..patterns import Leaf, read_leaf
@@ -58,7 +58,7 @@ class MergeParallelConcat(Rule):
 
     def match(self, ctx: Context, node):
         g = ctx.graph
-        if _concat_axis(node) != 1 or len(node.outputs[0].shape or ()) != 4:
+        if _concat_axis(node) != 1 or len(node.outputs[0].shape or ()) not in (3, 4, 5):  # 1-D, 2-D, 3-D convs
             return None
         leaves = [read_leaf(g, t) for t in node.inputs]
         runs, current = [], []
@@ -77,8 +77,10 @@ class MergeParallelConcat(Rule):
         params, reasons, kept = [], [], []
         for run in runs:
             try:
-                branches = [leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, 1) for leaf in run]
-                fused = concat_parallel(branches, ctx.allow_growth, spatial_hw(run[0].base))
+                ndim = len(node.outputs[0].shape) - 2
+                branches = [leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, 1, ndim)
+                            for leaf in run]
+                fused = concat_parallel(branches, ctx.allow_growth, spatial_size(run[0].base))
             except Decline as exc:
                 reasons.append(f"operands on '{run[0].base.name}': {exc}")
                 continue

@@ -1,7 +1,8 @@
-"""fold_pad_into_conv: a constant-zero border on H/W before Conv becomes the Conv's own pads.
+"""fold_pad_into_conv: a constant-zero border on the spatial axes before Conv becomes the Conv's own pads.
 
 Before:  x -> Pad(pads=[0,0,t,l, 0,0,b,r], value 0) -> Conv(pads=P) -> y
 After:   x -> Conv(pads=P + (t, l, b, r)) -> y
+(likewise per axis for 1-D and 3-D convs: the Pad's spatial begins and ends add to the Conv's)
 
 Zero padding followed by a conv that reads zeros outside its input is the same as the conv
 padding by that much more (docs/rules.md §8). The border may also be written as Concats of
@@ -27,7 +28,7 @@ class PadMatch(Match):
     x: object
     convs: List[object]
     params: List[ConvParams]  # each conv with the pads added
-    spatial: tuple  # (top, left, bottom, right)
+    spatial: tuple  # spatial begins, then ends: (top, left, bottom, right) in 2-D
     border: tuple = ()  # every node that writes the border (the Pad, or Concats and their slabs)
 
     @property
@@ -42,7 +43,7 @@ class PadMatch(Match):
 class FoldPadIntoConv(Rule):
     name = "fold_pad_into_conv"
     ops = ("Pad", "Concat")
-    summary = "constant-zero border (Pad, or Concat of zero slabs) on H/W before Conv -> Conv pads"
+    summary = "constant-zero border (Pad, or Concat of zero slabs) on the spatial axes before Conv -> Conv pads"
 
     def match(self, ctx: Context, node):
         g = ctx.graph

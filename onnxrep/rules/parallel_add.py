@@ -30,10 +30,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..cost import conv_flops, elementwise_flops, graph_node_flops, resolved_hw, resolved_shape
+from ..cost import conv_flops, elementwise_flops, graph_node_flops, resolved_shape, resolved_size
 from ..errors import Decline
-from ..graph import const_value, per_channel, spatial_hw, static_shape
-from ..kernels import ConvParams, diagonal_conv, merge_parallel
+from ..graph import const_value, per_channel, spatial_size, static_shape
+from ..kernels import ConvParams, diagonal_conv, dims_str, merge_parallel
 from ..passes import Context, Match, Rewrite, Rule
 from ..patterns import JOINS, Leaf, flatten_add, read_leaf, same_shape
 
@@ -151,7 +151,7 @@ class MergeParallelAdd(Rule):
             acc = y
         detail = "; ".join(
             "+".join(leaf.kind for leaf in mg.leaves)
-            + (f" -> conv{mg.params.kernel_shape[0]}x{mg.params.kernel_shape[1]}" if mg.params is not None else " -> Gemm")
+            + (f" -> conv{dims_str(mg.params.kernel_shape)}" if mg.params is not None else " -> Gemm")
             for mg in m.merges
         )
         return Rewrite(self.name, m.root.name, tuple(replaced), tuple(created), detail, flops=m.flops)
@@ -159,8 +159,8 @@ class MergeParallelAdd(Rule):
 
 def _predicted_flops(g, m: AddMatch, out) -> Optional[tuple]:
     """(before, after) FLOPs with onnxrep.cost, or None when a size is not static."""
-    hw, shape = resolved_hw(g, out), resolved_shape(g, out)
-    if hw is None or shape is None:
+    size, shape = resolved_size(g, out), resolved_shape(g, out)
+    if size is None or shape is None:
         return None
     try:
         before = sum(graph_node_flops(g, n) for n in m.removes)
@@ -170,7 +170,7 @@ def _predicted_flops(g, m: AddMatch, out) -> Optional[tuple]:
     terms = len(m.merges) + len(m.rest)
     if any(mg.params is None for mg in m.merges):
         return None
-    after = sum(conv_flops(mg.params, hw) for mg in m.merges) + (terms - 1) * elementwise_flops("Add", outputs)
+    after = sum(conv_flops(mg.params, size) for mg in m.merges) + (terms - 1) * elementwise_flops("Add", outputs)
     return before, after
 
 
@@ -196,10 +196,11 @@ def _merge_linear(leaves: List[Leaf]) -> Merge:
 def _merge(ctx: Context, leaves: List[Leaf]) -> Merge:
     convs = [leaf for leaf in leaves if leaf.conv is not None]
     group = convs[0].conv.group
+    ndim = convs[0].conv.ndim
     params = [
-        leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, group) for leaf in leaves
+        leaf.conv if leaf.conv is not None else diagonal_conv(leaf.scale, leaf.shift, group, ndim) for leaf in leaves
     ]
-    fused = merge_parallel(params, allow_growth=ctx.allow_growth, input_hw=spatial_hw(leaves[0].base))
+    fused = merge_parallel(params, allow_growth=ctx.allow_growth, input_size=spatial_size(leaves[0].base))
     # All branches produce the same pixels, so MACs compare as weight sizes; identity and BN-only
     # branches cost none. A dilated kernel placed densely pays for its holes.
     before = sum(leaf.conv.weight.size for leaf in convs)

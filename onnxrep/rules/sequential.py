@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..errors import Decline
 from ..graph import producer
-from ..kernels import ConvParams
+from ..kernels import ConvParams, dims_str
 from ..passes import Context, Match, Rewrite, Rule
 from ..cost import layer_output_flops
 from ..patterns import LINEAR, judge_composition
@@ -77,6 +77,5 @@ class ComposeSequentialConvs(Rule):
 
     def rewrite(self, ctx: Context, m: SequentialMatch) -> Rewrite:
         new = ctx.graph.write_conv(m.second.name, m.fused, m.x, m.y, m.dtype)
-        kh, kw = m.fused.kernel_shape
         return Rewrite(self.name, m.second.name, (m.first.name, m.second.name), (new.name,),
-                       f"{m.first.op} -> {m.second.op} = conv{kh}x{kw}{m.note}", flops=m.flops)
+                       f"{m.first.op} -> {m.second.op} = conv{dims_str(m.fused.kernel_shape)}{m.note}", flops=m.flops)
