@@ -467,9 +467,9 @@ def main(argv=None) -> int:
                 "exporter": exporter,
                 "family": family,
                 "dynamic_batch": dynamic,
-                "input_shape": [-1 if dynamic else 1, *INPUT_SHAPE[1:]],
+                "input_shape": list(INPUT_SHAPE),  # the shape measured at (batch 1 also when dynamic)
                 "opset": OPSET,
-                "deploy_file": os.path.relpath(deploy_file),
+                "deploy_file": os.path.relpath(deploy_file, args.out),  # relative to the manifest's folder
                 "deploy_ops": deploy_ops,
                 "compare_ops": [op for op in COMPARE_OPS if op in op_counts(path) or op in deploy_ops],
                 "no_channel_mul": True,
