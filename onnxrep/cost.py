@@ -2,7 +2,9 @@
 (onnxrep/stats.py) count with these functions, so that a rewrite a rule accepts as "not more
 expensive" never shows as growth in the report (tests/test_cost.py holds the two together).
 
-FLOPs are of one image at the resolved input shapes: 2 per multiply-add for Conv,
+FLOPs are of one image at the resolved input shapes (a dynamic batch counts as 1; sizes that
+shape inference leaves symbolic come from the shapes resolved once at those input shapes,
+``RepGraph.resolved``, or from the layer that makes the tensor): 2 per multiply-add for Conv,
 ConvTranspose, Gemm and MatMul plus 1 per output element for a bias; 1 per tap and output
 element for pooling; 2 per output element for BatchNormalization; 1 per output element for any
 other compute op; nothing for shape and data-movement ops.
@@ -45,29 +47,69 @@ def elementwise_flops(op: str, outputs: int) -> int:
     return 2 * outputs if op == "BatchNormalization" else outputs
 
 
-def layer_output_flops(p: ConvParams, out, op: str) -> int:
-    """A Conv/AveragePool producing the graph tensor ``out`` (a one-pixel output when its size is unknown)."""
-    size = spatial_size(out)
+#: Ops whose output has the size of their (first) activation input.
+_SAME_SIZE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Neg",
+              "Identity", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Cast"}
+
+
+def resolved_shape(g, t, depth: int = 0):
+    """The per-image shape [C, ...] of ``t`` for counting, or None.
+
+    Static dims as inferred; else the shape resolved at the resolved input shapes when the
+    graph was normalized (``g.resolved``: rewrites keep each surviving tensor's name and value,
+    so its entry stays true); else, for a tensor a rewrite made, the size its producer gives
+    (a Conv/AveragePool from its input's, an elementwise op its input's)."""
+    shape = static_shape(t)
+    if shape and all(isinstance(d, int) for d in shape[1:]):
+        return [int(d) for d in shape[1:]]
+    known = getattr(g, "resolved", None) or {}
+    if t.name in known:
+        return list(known[t.name][1:])
+    node = t.inputs[0] if t.inputs else None
+    if node is None or depth > 16 or not node.inputs:
+        return None
+    if node.op in ("Conv", "AveragePool"):
+        inner = resolved_shape(g, node.inputs[0], depth + 1)
+        try:
+            p = g.read_linear(node)
+        except Decline:
+            return None
+        if inner is None or len(inner) != p.ndim + 1:
+            return None
+        return [p.out_channels, *p.output_size(*inner[1:])]
+    if node.op in _SAME_SIZE and len(node.outputs) == 1:
+        return resolved_shape(g, node.inputs[0], depth + 1)
+    return None
+
+
+def resolved_size(g, t):
+    """The spatial size of an N C D1..Dn tensor for counting (:func:`resolved_shape`), or None."""
+    shape = resolved_shape(g, t)
+    return tuple(shape[1:]) if shape is not None and len(shape) >= 2 else None
+
+
+def layer_output_flops(p: ConvParams, out, op: str, g=None) -> int:
+    """A Conv/AveragePool producing the graph tensor ``out`` (sized by :func:`resolved_size`
+    with ``g``; a one-pixel output when its size is unknown)."""
+    size = resolved_size(g, out) if g is not None else spatial_size(out)
     return conv_flops(p, size if size is not None else (1,) * p.ndim, pool=op == "AveragePool")
 
 
 def graph_node_flops(g, node) -> int:
     """FLOPs of one node of a RepGraph, counted as :func:`node_flops` counts it in a model.
 
-    A Conv made by an earlier rewrite carries no output shape: its size follows from its
-    input's. Declines when a layer's output size cannot be known."""
+    Sizes come from :func:`resolved_shape` (a Conv made by an earlier rewrite carries no output
+    shape: its size follows from its input's). Declines when a layer's output size cannot be
+    known."""
     if node.op in ("Conv", "AveragePool"):
         p = g.read_linear(node)
-        size = spatial_size(node.outputs[0])
-        if size is None:
-            size_in = spatial_size(node.inputs[0])
-            if size_in is None or len(size_in) != p.ndim:
-                raise Decline(f"'{node.name}' has an output of unknown size")
-            size = p.output_size(*size_in)
+        size = resolved_size(g, node.outputs[0])
+        if size is None or len(size) != p.ndim:
+            raise Decline(f"'{node.name}' has an output of unknown size")
         return conv_flops(p, size, pool=node.op == "AveragePool")
-    shape = static_shape(node.outputs[0])
-    if shape and all(isinstance(d, int) for d in shape[1:]):
-        return elementwise_flops(node.op, int(np.prod(shape[1:])))
+    shape = resolved_shape(g, node.outputs[0])
+    if shape is not None:
+        return elementwise_flops(node.op, int(np.prod(shape)))
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from .errors import Decline
 
@@ -149,11 +150,42 @@ class PadSpec:
         return tuple(p[2:r]) + tuple(p[r + 2 :])
 
 
+@dataclass(frozen=True)
+class BorderSpec:
+    """A constant border written around an N C D1..Dn activation ``x``: a constant-mode Pad, or
+    (NCHW only) Concats of constant slabs on H and W (paddle2onnx's spelling of DBB's BN-and-pad).
+
+    ``pads`` are the spatial begins, then ends ((top, left, bottom, right) in 2-D); ``values`` the border value of each channel (float64,
+    one per channel, or one for all); ``nodes`` the nodes that write the border and die with it
+    (the Pad, or the Concats with the Expand and shape nodes that build their slabs).
+    """
+
+    x: object
+    pads: Tuple[int, ...]
+    values: np.ndarray
+    nodes: Tuple[gs.Node, ...]
+
+    def value_for(self, channels: int) -> np.ndarray:
+        """The border values as one per channel."""
+        return np.broadcast_to(np.asarray(self.values, np.float64).reshape(-1), (channels,))
+
+
+@dataclass(frozen=True)
+class _Dim:
+    """A dim of a tensor read through Shape: the size of ``tensor`` on ``axis``."""
+
+    tensor: object
+    axis: int
+
+
 class RepGraph:
     """A graph being rewritten: onnx-graphsurgeon graph plus name bookkeeping."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, resolved: Optional[dict] = None):
         self.graph = graph
+        #: tensor name -> concrete shape at the resolved input shapes (batch 1 unless given), for
+        #: counting costs only (onnxrep.cost): never for deciding whether a rewrite is exact
+        self.resolved = dict(resolved or {})
         self._names = set()
         stack = [graph]
         while stack:  # names inside If/Loop/Scan bodies too: a new name must not shadow them
@@ -448,6 +480,233 @@ class RepGraph:
             raise Decline(f"Pad '{node.name}' has {len(pads)} pads for a rank-{rank} input")
         return PadSpec(tuple(pads), value)
 
+    def read_border(self, node: gs.Node) -> BorderSpec:
+        """The constant border ``node`` writes around an NCHW activation; else Decline.
+
+        A constant-mode Pad with pads on H/W only, none negative. Or the outer Concat of a
+        chain of Concats on the spatial axes, each of one activation and constant slabs
+        (:meth:`_border_concat`); the chain goes inwards while an operand is such a Concat
+        read by nothing else. Every slab of the chain must hold the same value per channel.
+        """
+        if node.op == "Pad":
+            spec = self.read_pad(node)
+            try:
+                spatial = spec.spatial()
+            except Decline as exc:
+                raise Decline(f"Pad '{node.name}': {exc}") from None
+            if min(spatial) < 0:
+                raise Decline(f"Pad '{node.name}' crops (negative pads)")
+            return BorderSpec(node.inputs[0], spatial, np.array([spec.value], np.float64), (node,))
+        if node.op != "Concat":
+            raise Decline(f"'{node.name}' is {node.op}, not a Pad or Concat")
+        chain = [node]  # outer to inner: each Concat's activation is the next one's output
+        while True:
+            a = _border_activation(chain[-1])
+            inner = producer(a) if a is not None else None
+            # besides the outer Concat, only Shape nodes (sizing its slabs) may read it
+            readers = [c for c in a.outputs if c is not chain[-1]]
+            if inner is None or inner.op != "Concat" or self.pinned(a) or any(c.op != "Shape" for c in readers):
+                break
+            chain.append(inner)
+        # Read from the inside out: the size of each Concat's activation is then known even
+        # where shape inference could not size it (an Expand'ed slab under a dynamic batch).
+        x, shape = None, None
+        for cur in reversed(chain):
+            try:
+                a, axis, before, after, vec, slab_nodes, slab_batches = self._border_concat(cur, shape)
+            except Decline:
+                if cur is node:
+                    raise
+                x, shape = None, None  # not a border: the border starts at its output
+                continue
+            if x is None:
+                x, pads, nodes, values, batches, shape = a, [0, 0, 0, 0], [], vec, [], list(static_shape(a))
+            if not np.array_equal(values, vec):
+                raise Decline(f"Concat '{cur.name}': its slabs hold other values than the inner ones")
+            pads[axis - 2] += before
+            pads[axis] += after
+            nodes += [cur] + [n for n in slab_nodes if n not in nodes]
+            batches += slab_batches
+            shape[axis] = shape[axis] + before + after if isinstance(shape[axis], int) else None
+        inside = [x] + [n.outputs[0] for n in nodes if n.op == "Concat"]
+        for src in batches:  # a slab batch read through Shape must be the activation's batch
+            if not any(src is t for t in inside) and not _same_batch(src, x):
+                raise Decline(f"Concat '{node.name}': a slab takes its batch from '{src.name}', "
+                              f"not from '{x.name}'")
+        return BorderSpec(x, tuple(pads), values, tuple(nodes))
+
+    def _border_concat(self, node: gs.Node, act=None):
+        """One Concat of a border: (activation, axis, extent before, extent after, per-channel
+        values, slab nodes, tensors the slabs take their batch from); else Decline.
+
+        Every operand but one is a slab: a constant that is constant per channel over its
+        extent, or an Expand of such a constant to a shape whose batch is read through Shape
+        (:meth:`_shape_elements`). A slab must have the activation's channels and, on the
+        other spatial axis, its size (static, or read from the activation itself); a constant
+        slab has a static batch, which must be the activation's. ``act`` is the activation's
+        shape when the caller knows it better than inference.
+        """
+        where = f"Concat '{node.name}'"
+        if len(node.outputs) != 1 or "axis" not in node.attrs:
+            raise Decline(f"{where} has an unexpected signature")
+        a = _border_activation(node)
+        if a is None:
+            raise Decline(f"{where} does not join one activation and constant slabs")
+        shape = static_shape(a) if act is None else act
+        if shape is None or len(shape) != 4:
+            raise Decline(f"{where}: its activation is not a 4-D tensor of known rank")
+        axis = int(node.attrs["axis"])
+        axis = axis + 4 if axis < 0 else axis
+        if axis not in (2, 3):
+            raise Decline(f"{where} is on axis {axis}, not a spatial axis")
+        channels = shape[1]
+        if not isinstance(channels, int):
+            raise Decline(f"{where}: the channel count of '{a.name}' is not static")
+        position = next(i for i, t in enumerate(node.inputs) if t is a)
+        extents, vecs, slab_nodes, batches = [], [], [], []
+        for i, t in enumerate(node.inputs):
+            if i == position:
+                continue
+            extent, vec, made_by, batch = self._border_slab(t, a, shape, axis, where)
+            extents.append((i, extent))
+            if vec is not None:  # an empty slab has no values
+                vecs.append(np.broadcast_to(vec, (channels,)))
+            slab_nodes += made_by
+            batches += [batch] if batch is not None else []
+        if not vecs:
+            raise Decline(f"{where} has no slab of any extent")
+        if any(not np.array_equal(v, vecs[0]) for v in vecs[1:]):
+            raise Decline(f"{where}: its slabs hold different values")
+        before = sum(e for i, e in extents if i < position)
+        after = sum(e for i, e in extents if i > position)
+        return a, axis, before, after, vecs[0].astype(np.float64), slab_nodes, batches
+
+    def _border_slab(self, t, a, act, axis: int, where: str):
+        """(extent on ``axis``, values per channel, nodes that make it, batch source or None) of
+        a slab next to activation ``a`` of shape ``act``."""
+        value = const_value(t)
+        if value is not None:
+            if value.ndim != 4:
+                raise Decline(f"{where}: slab '{t.name}' is not 4-D")
+            dims = list(value.shape)
+            if dims[0] != act[0]:  # a symbolic batch never equals a constant one
+                raise Decline(f"{where}: slab '{t.name}' has batch {dims[0]}, the activation {act[0]}")
+            made_by, batch = [], None
+        else:
+            expand = producer(t)
+            value = const_value(expand.inputs[0]) if len(expand.inputs) == 2 else None
+            if value is None or value.ndim > 4:
+                raise Decline(f"{where}: slab '{t.name}' expands a tensor that is not constant")
+            elems, made_by = self._shape_elements(expand.inputs[1])
+            if len(elems) > 4:
+                raise Decline(f"{where}: slab '{t.name}' is expanded to rank {len(elems)}")
+            value = value.reshape((1,) * (4 - value.ndim) + value.shape)
+            elems = [1] * (4 - len(elems)) + elems
+            dims = []
+            for v, e in zip(value.shape, elems):  # Expand broadcasts both ways
+                if v == 1 or e == v:
+                    dims.append(e)
+                elif e == 1:
+                    dims.append(v)
+                else:
+                    raise Decline(f"{where}: slab '{t.name}' expands {value.shape} to {elems}")
+            batch = dims[0].tensor if isinstance(dims[0], _Dim) and dims[0].axis == 0 else None
+            if batch is None and (dims[0] != act[0] or not isinstance(act[0], int)):
+                raise Decline(f"{where}: slab '{t.name}' does not take the activation's batch")
+            made_by = [expand] + made_by
+        if not is_float_dtype(value.dtype):
+            raise Decline(f"{where}: slab '{t.name}' is not float")
+        if dims[1] != act[1]:
+            raise Decline(f"{where}: slab '{t.name}' has {dims[1]} channels, the activation {act[1]}")
+        other = 5 - axis  # the spatial axis the concat does not extend
+        d = dims[other]
+        if isinstance(d, _Dim):
+            ok = d.axis == other and (d.tensor is a or (act[other] is not None and static_shape(d.tensor)[other] == act[other]))
+        else:
+            ok = isinstance(act[other], int) and d == act[other]
+        if not ok:
+            raise Decline(f"{where}: slab '{t.name}' does not span the activation on axis {other}")
+        extent = dims[axis]
+        if not isinstance(extent, int) or extent < 0:
+            raise Decline(f"{where}: slab '{t.name}' has no static extent on axis {axis}")
+        v = np.asarray(value, np.float64)
+        if v.size == 0:
+            return extent, None, made_by, batch
+        if v.shape[0] != 1 and np.any(v != v[:1]):
+            raise Decline(f"{where}: slab '{t.name}' differs between images")
+        if np.any(v != v[:1, :, :1, :1]):
+            raise Decline(f"{where}: slab '{t.name}' is not constant per channel")
+        return extent, v[0, :, 0, 0], made_by, batch
+
+    def _shape_elements(self, t, depth: int = 0):
+        """The elements of a 1-D shape tensor as ints or dims read through Shape (``_Dim``), and
+        the nodes that compute it; Decline when it is computed by anything else.
+
+        Follows Shape, Slice and Gather of constant positions, Concat, Squeeze, Unsqueeze,
+        Reshape, Identity, Cast, and Max. ``Max(c, n)`` with c <= 1 is taken as ``n``, the dim:
+        for a dim of 0 (an empty batch) the original's slab would keep batch 1 and its Concat
+        fail, so no input the original accepts is answered differently.
+        """
+        value = const_value(t)
+        if value is not None:
+            if value.ndim > 1 or value.dtype.kind not in "iu":
+                raise Decline(f"shape '{t.name}' is not a 1-D integer constant")
+            return [int(v) for v in value.reshape(-1)], []
+        node = producer(t)
+        if node is None or depth > 32:
+            raise Decline(f"shape '{t.name}' is not computed from shapes")
+        rank = len(static_shape(t) or [0])
+        if rank > 1:
+            raise Decline(f"shape '{t.name}' is not 1-D")
+        op = node.op
+        if op == "Shape":
+            src = node.inputs[0]
+            src_shape = static_shape(src)
+            if src_shape is None:
+                raise Decline(f"Shape '{node.name}' reads a tensor of unknown rank")
+            n = len(src_shape)
+            start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", n))
+            start, end = (max(0, min(n, v + n if v < 0 else v)) for v in (start, end))
+            return [src_shape[i] if isinstance(src_shape[i], int) else _Dim(src, i) for i in range(start, end)], [node]
+        if op in ("Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast"):
+            if op == "Cast" and np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs.get("to", 0)))).kind not in "iu":
+                raise Decline(f"Cast '{node.name}' is not to an integer type")
+            elems, nodes = self._shape_elements(node.inputs[0], depth + 1)
+            return elems, nodes + [node]
+        if op in ("Slice", "Gather"):
+            elems, nodes = self._shape_elements(node.inputs[0], depth + 1)
+            consts = [const_value(i) for i in node.inputs[1:] if i.name]
+            if any(c is None for c in consts) or len(consts) < (1 if op == "Gather" else 2) \
+                    or (op == "Gather" and int(node.attrs.get("axis", 0)) != 0):
+                raise Decline(f"{op} '{node.name}' of a shape has positions that are not constant")
+            if op == "Gather":
+                n = len(elems)
+                return [elems[int(i) + n if int(i) < 0 else int(i)] for i in consts[0].reshape(-1)], nodes + [node]
+            starts, ends = int(consts[0].reshape(-1)[0]), int(consts[1].reshape(-1)[0])
+            if len(consts) > 2 and int(consts[2].reshape(-1)[0]) not in (0, -1):
+                raise Decline(f"Slice '{node.name}' of a shape is not on axis 0")
+            step = int(consts[3].reshape(-1)[0]) if len(consts) > 3 else 1
+            if step < 1:
+                raise Decline(f"Slice '{node.name}' of a shape steps backwards")
+            return elems[slice(starts, None if ends >= 2 ** 31 - 1 else ends, step)], nodes + [node]
+        if op == "Concat":
+            if int(node.attrs.get("axis", 0)) not in (0, -1):
+                raise Decline(f"Concat '{node.name}' of shapes is not on axis 0")
+            elems, nodes = [], [node]
+            for i in node.inputs:
+                e, n = self._shape_elements(i, depth + 1)
+                elems += e
+                nodes += n
+            return elems, nodes
+        if op == "Max" and len(node.inputs) == 2:
+            (a, na), (b, nb) = (self._shape_elements(i, depth + 1) for i in node.inputs)
+            if len(a) != len(b) and 1 not in (len(a), len(b)):
+                raise Decline(f"Max '{node.name}' of shapes of lengths {len(a)} and {len(b)}")
+            n = max(len(a), len(b))
+            a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+            return [_max_dim(x, y, node) for x, y in zip(a, b)], na + nb + [node]
+        raise Decline(f"shape '{t.name}' is computed by {op}")
+
     def read_matmul(self, node: gs.Node) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(W[K, M], bias[M] or None), float64, of ``y = x @ W + bias`` for a Gemm (alpha, beta and
         transB applied) or MatMul with a constant 2-D weight; Decline otherwise."""
@@ -589,3 +848,27 @@ def _same_pads(hw, kernel, strides, dilations, upper: bool) -> tuple:
         begin.append(small if upper else large)
         end.append(large if upper else small)
     return tuple(begin + end)
+
+
+def _border_activation(node: gs.Node) -> Optional[Tensor]:
+    """The one operand of a Concat that is neither a constant nor an Expand, else None."""
+    acts = [t for t in node.inputs if const_value(t) is None and (producer(t) is None or producer(t).op != "Expand")]
+    return acts[0] if len(acts) == 1 else None
+
+
+def _same_batch(t, x) -> bool:
+    """Whether ``t`` and ``x`` have the same batch by their inferred shapes (one static size, or
+    one symbol: shape inference gives equal dims one name)."""
+    st, sx = static_shape(t), static_shape(x)
+    return bool(st) and bool(sx) and st[0] is not None and st[0] == sx[0]
+
+
+def _max_dim(a, b, node):
+    """``Max`` of two shape elements: ints, or a dim and an int of at most 1."""
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    if isinstance(a, int):
+        a, b = b, a
+    if isinstance(b, int) and b <= 1:
+        return a
+    raise Decline(f"Max '{node.name}' of shapes compares two dims")

@@ -452,7 +452,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
             raise Decline("the second conv pads the first conv's output, and the first is not a stride-1 1x1")
         if np.any(b1 != 0):
             raise Decline("the second conv pads with zeros but the first conv's bias is not zero: wrong on the border")
-        w = np.einsum("om...,mi->oi...", w2, w1.reshape(w1.shape[:2]))
+        w = np.einsum("om...,mi->oi...", w2, w1.reshape(w1.shape[:2]), optimize=True)
         pads = tuple(a + b for a, b in zip(p1.pads, p2.pads))
         fused = ConvParams(weight=w, bias=b2.copy(), strides=p2.strides, pads=pads, dilations=p2.dilations)
         return regroup(fused)
@@ -461,7 +461,7 @@ def compose_sequential(p1: ConvParams, p2: ConvParams) -> ConvParams:
     w = np.zeros((w2.shape[0], w1.shape[1]) + size)
     for tap in np.ndindex(*p2.kernel_shape):
         start = tuple(t * d * s1 for t, d, s1 in zip(tap, p2.dilations, p1.strides))
-        w[_window(start, e1)] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + tap], w1)
+        w[_window(start, e1)] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + tap], w1, optimize=True)
     b = b2 + np.einsum("oml,m->o", w2.reshape(w2.shape[0], w2.shape[1], -1), b1)
     strides = tuple(a * b for a, b in zip(p1.strides, p2.strides))
     fused = ConvParams(weight=w, bias=b, strides=strides, pads=p1.pads)

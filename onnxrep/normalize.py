@@ -339,7 +339,9 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
     """Output shapes of the result: the inferred ones, except that a declared symbolic name is
     kept where inference agrees the dim is dynamic (so 'batch' stays 'batch'), and a declared
     static dim is kept where inference could not size it and every input is static (then the
-    one input size there is, verification checks the output at)."""
+    one input size there is, verification checks the output at). An output inference could not
+    size at all under dynamic inputs keeps the declared rank and symbolic names, sizes unknown:
+    a graph output must have a shape (onnx.checker)."""
     static_inputs = all(
         d.HasField("dim_value") for i in original.graph.input for d in i.type.tensor_type.shape.dim
     )
@@ -353,6 +355,11 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
         if not new_t.HasField("shape"):
             if static_inputs:
                 new_t.shape.CopyFrom(old.type.tensor_type.shape)
+            else:  # the declared rank and names, sizes unknown (a graph output needs a shape)
+                for old_d in old_dims:
+                    new = new_t.shape.dim.add()
+                    if old_d.HasField("dim_param"):
+                        new.dim_param = old_d.dim_param
             continue
         if len(new_t.shape.dim) != len(old_dims):
             continue
@@ -366,7 +373,40 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
 
 
 def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:
-    """Concrete shapes of the graph's activations, symbolic dims resolved from the input shapes."""
+    """Concrete shapes of the graph's activations at the resolved input shapes, for counting.
+
+    Symbolic dims are resolved from the input shapes. Tensors inference could not size (an
+    Expand to a shape read through Shape under a dynamic batch, which inference cannot follow
+    through Max) get the sizes inference gives a copy of the graph whose inputs have the
+    resolved shapes and whose shape computations are folded into constants.
+    """
+    out = _symbolic_resolved(graph, model, input_shapes)
+    unsized = [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in out]
+    if not unsized:
+        return out
+    try:
+        copy = graph.copy()
+        for t in copy.inputs:
+            if t.name in input_shapes:
+                t.shape = list(input_shapes[t.name])
+        forget_declared_shapes(copy)
+        infer_shapes(copy)
+        if _foldable(copy):
+            _fold(copy)
+        infer_shapes(copy)
+    except Exception as exc:  # counting is best effort
+        log.debug("shapes at the resolved input shapes: %s", first_line(exc))
+        return out
+    tensors = copy.tensors()
+    for name in unsized:
+        t = tensors.get(name)
+        shape = getattr(t, "shape", None)
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            out[name] = [int(d) for d in shape]
+    return out
+
+
+def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:
     symbols: Dict[str, int] = {}
     for inp in model.graph.input:
         for d, v in zip(inp.type.tensor_type.shape.dim, input_shapes.get(inp.name, [])):

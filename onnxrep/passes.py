@@ -23,7 +23,8 @@ What the manager guarantees for every rule (docs/architecture.md):
 
 A pass visits every live node once, in order, and gives it to the enabled rules anchored on its
 op type; the first rule that matches rewrites it. Passes repeat until one changes nothing; then
-the late rules get a pass. The graph is only mutated between matches, never while one is in
+the late rules get a pass each, one rule at a time in their order (any change goes back to the
+early rules), so that no late rule pre-empts an earlier one's rewrite. The graph is only mutated between matches, never while one is in
 progress. Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that
 many rewrites) and ``deny`` (skip those rewrite keys): that is how a verification failure is
 traced to one rewrite and rolled back.
@@ -169,21 +170,26 @@ def run_to_fixpoint(
     result = PassResult()
     declined: Dict[Tuple[str, str], str] = {}
     graph = ctx.graph
-    changed, with_late = True, False
+    late = [r for r in rules if r.late]
+    # stage None: the early rules only; stage i: the early rules and late rule i. Late rules take
+    # turns in their order, each only once the early ones and the late ones before it change
+    # nothing, so that one never pre-empts another's rewrite (horizontal merging splitting the
+    # convs a region would have collapsed). Any change goes back to the early rules.
+    changed, stage = True, None
     while result.passes < max_passes:
         if not changed:
-            if with_late or not any(r.late for r in rules):
+            stage = 0 if stage is None else stage + 1
+            if stage >= len(late):
                 break
-            with_late = True  # the early rules are done: give the late ones a pass
         else:
-            with_late = False
+            stage = None
         changed = False
         result.passes += 1
         for node in list(graph.graph.nodes):
             if not node.outputs:  # removed earlier in this pass
                 continue
             for rule in by_op.get(node.op, ()):
-                if rule.late and not with_late:
+                if rule.late and (stage is None or rule is not late[stage]):
                     continue
                 key = (rule.name, node.name)
                 m = try_match(ctx, rule, node)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import Decline
 from .graph import RepGraph, channels_of, const_value, producer, spatial_size, static_shape
-from .cost import layer_output_flops
+from .cost import layer_output_flops, resolved_size
 from .kernels import ConvParams, affine_after_conv, affine_after_matmul, compose_sequential, dims_str, merge_parallel
 
 LINEAR = ("Conv", "AveragePool")
@@ -175,16 +175,23 @@ def covered_by_sibling(g: RepGraph, t, base, params: Optional[ConvParams]) -> bo
     return False
 
 
-def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int):
+def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int, build: bool = True):
     """(fused, note) when conv2(conv1(x)) -> ``out`` composes exactly without costing more
-    FLOPs than ``before`` (or the growth is absorbed by a parallel branch); else Decline."""
+    FLOPs than ``before`` (or the growth is absorbed by a parallel branch); else Decline.
+
+    With ``build`` False the caller only asks whether it would: when the composite's FLOPs
+    bounded from the shapes alone do not exceed ``before``, it returns (None, "") without
+    building it (large compositions cost seconds), but it still declines where composing would
+    not be exact."""
     # The composite can be large (a dense KxK from a depthwise one): rule out growth from its
     # shape alone before building it, unless a parallel branch might absorb it.
-    predicted = _predicted_flops(p1, p2, out)
+    predicted = _predicted_flops(p1, p2, resolved_size(ctx.graph, out))
     if predicted > before and not ctx.allow_growth and not covered_by_sibling(ctx.graph, out, x, None):
         raise Decline(f"composing would raise FLOPs from {before} to about {predicted} (--allow-growth allows it)")
+    if not build and (predicted <= before or ctx.allow_growth) and composes_exactly(p1, p2):
+        return None, ""
     fused = compose_sequential(p1, p2)
-    after = layer_output_flops(fused, out, "Conv")
+    after = layer_output_flops(fused, out, "Conv", ctx.graph)
     if after <= before or ctx.allow_growth:
         return fused, ""
     if covered_by_sibling(ctx.graph, out, x, fused):
@@ -192,7 +199,7 @@ def judge_composition(ctx, p1: ConvParams, p2: ConvParams, out, x, before: int):
     raise Decline(f"composing would raise FLOPs from {before} to {after} (--allow-growth allows it)")
 
 
-def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
+def _predicted_flops(p1: ConvParams, p2: ConvParams, out_size) -> int:
     """FLOPs of compose_sequential(p1, p2) from the shapes alone (an upper bound: regrouping
     can only make it cheaper)."""
     group = p1.group if p1.group == p2.group else 1
@@ -201,5 +208,15 @@ def _predicted_flops(p1: ConvParams, p2: ConvParams, out) -> int:
     else:
         window = tuple((l2 - 1) * d2 * s1 + e1 for l2, d2, s1, e1 in zip(p2.kernel_shape, p2.dilations, p1.strides,
                                                                           p1.extent))
-    size = spatial_size(out) or ()
+    size = out_size or ()
     return 2 * p2.out_channels * (p1.in_channels // group) * math.prod(window) * math.prod(size)
+
+
+def composes_exactly(p1: ConvParams, p2: ConvParams) -> bool:
+    """Whether kernels.compose_sequential accepts the pair (without building the composite)."""
+    if p2.in_channels != p1.out_channels or p1.ndim != p2.ndim:
+        return False
+    if not any(p2.pads):
+        return True
+    pointwise = all(k == 1 for k in p1.kernel_shape) and all(s == 1 for s in p1.strides)
+    return pointwise and not np.any(np.asarray(p1.bias) != 0)

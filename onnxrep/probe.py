@@ -42,6 +42,18 @@ def toposort(nodes: List[gs.Node]) -> List[gs.Node]:
     return order
 
 
+def _inputs_as_zero(model: onnx.ModelProto, tensors) -> None:
+    """Replace the graph inputs named like ``tensors`` by scalar zero initializers."""
+    names = {t.name: t for t in tensors}
+    if not names:
+        return
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for name, t in names.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.dtype(t.dtype)), name))
+
+
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -58,9 +70,13 @@ _SIZED = {"Expand", "Reshape", "Slice", "ScatterND", "ScatterElements", "Gather"
 
 
 class Submodel:
-    """``y = region(x)`` as a runnable onnxruntime session."""
+    """``y = region(x)`` as a runnable onnxruntime session.
 
-    def __init__(self, graph: gs.Graph, nodes: List[gs.Node], x, y, kinds):
+    ``zeros`` are activations the region adds to its result (a residual set aside): they read
+    as a scalar 0 here, so the session computes the region's map of ``x`` alone.
+    """
+
+    def __init__(self, graph: gs.Graph, nodes: List[gs.Node], x, y, kinds, zeros=()):
         inside = {id(n) for n in nodes}
         support: List[gs.Node] = []
         sources: Dict[str, object] = {}
@@ -103,11 +119,12 @@ class Submodel:
         self.static_batch = batch if isinstance(batch, int) else None
         self.batch_symbol = batch if isinstance(batch, str) else None
         ordered = toposort(list(nodes) + support)
-        sub = gs.Graph(nodes=ordered, inputs=[x] + self.sources, outputs=[y], opset=graph.opset,
+        sub = gs.Graph(nodes=ordered, inputs=[x] + self.sources + list(zeros), outputs=[y], opset=graph.opset,
                        import_domains=graph.import_domains)
         try:
             model = gs.export_onnx(sub, do_type_check=False)
             model.ir_version = min(model.ir_version, 10)
+            _inputs_as_zero(model, zeros)
             self.session = _session(model)
         except Exception as exc:
             raise Decline(f"the region cannot run on its own ({first_line(exc)[:120]})") from None

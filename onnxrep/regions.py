@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import Decline
 from .graph import const_value, producer, spatial_hw, static_shape, str_attr
+from .patterns import JOINS, same_shape
 from .probe import toposort
 
 ALL = None  # every input may carry the activation
@@ -115,16 +116,17 @@ def _attributes_affine(node) -> bool:
     return True
 
 
-def batch_axis_kept(nodes, x, y) -> Optional[str]:
+def batch_axis_kept(nodes, x, y, others=()) -> Optional[str]:
     """Why the region does not act on each image of the batch separately, or None.
 
     The batch axis is followed from ``x`` (axis 0) through every node: Transpose, Squeeze,
     Unsqueeze, Gather and Expand move it; Slice, Gather, Concat, Split, Pad, Scatter*, a
     Reshape that does not copy it, or a constant that broadcasts over it lose it. The region
-    is a per-image convolution only if ``y`` gets it back at axis 0.
+    is a per-image convolution only if ``y`` gets it back at axis 0. ``others`` are further
+    activations the region reads (residuals added to its result) with the batch on axis 0.
     """
-    where: Dict[str, int] = {x.name: 0}
-    ranks: Dict[str, int] = {x.name: _rank(x)}
+    where: Dict[str, int] = {t.name: 0 for t in (x, *others)}
+    ranks: Dict[str, int] = {t.name: _rank(t) for t in (x, *others)}
     for node in toposort(nodes):
         ins = [(i, where[t.name]) for i, t in enumerate(node.inputs) if t.name in where]
         axes = {a for _, a in ins}
@@ -435,3 +437,90 @@ def region_strides(g, nodes, x, y):
     return stride.get(y.name)
 
 
+
+
+def set_aside_residuals(g, anchor, nodes, kinds):
+    """Split a region that reads several activations at a sum: (nodes, x, residuals) or None.
+
+    When ``anchor`` is the root of an Add/Sub/Sum tree, each operand is computed inside the
+    region from some activations. The activation ``x`` most layers are computed from is the
+    region's input; operands computed without ``x`` (a residual, a shortcut conv of another
+    tensor) are set aside as (tensor, sign) pairs, to be added to the region's conv as they
+    are, like ``merge_parallel_add`` sets aside leaves of another input. None when an
+    operand mixes ``x`` with another activation, when a residual does not have the result's
+    shape (it must not broadcast the sum), or when nothing is set aside.
+    """
+    if anchor.op not in JOINS:
+        return None
+    inside = {id(n) for n in nodes}
+    joins, operands = _flatten_joins(g, anchor, inside)
+    join_ids = {id(j) for j in joins}
+    parts = []
+    for t, sign in operands:
+        sub = _upstream(t, inside, join_ids)
+        reads = region_inputs(sub, kinds) if sub else ([t] if kinds(t) == "value" else [])
+        parts.append((t, sign, sub, {r.name: r for r in reads}))
+    weight: Dict[str, int] = {}
+    for _, _, sub, reads in parts:
+        for name in reads:
+            weight[name] = weight.get(name, 0) + 1 + sum(n.op in ("Conv", "AveragePool") for n in sub)
+    if len(weight) < 2:
+        return None
+    x_name = max(weight, key=lambda name: weight[name])
+    main, residuals = [], []
+    for t, sign, sub, reads in parts:
+        if x_name in reads:
+            if len(reads) > 1:
+                return None
+            main += sub
+        elif not reads:
+            main += sub
+        else:
+            if not same_shape(t, anchor.outputs[0]):
+                return None
+            residuals.append((t, sign, sub))
+    if not residuals:
+        return None
+    region, kept = list(joins), {id(j) for j in joins}
+    for n in main:
+        if id(n) not in kept:
+            region.append(n)
+            kept.add(id(n))
+    if any(id(n) in kept for _, _, sub in residuals for n in sub):
+        return None  # a node both sides need
+    x = next(r for _, _, _, reads in parts for name, r in reads.items() if name == x_name)
+    return region, x, [(t, sign) for t, sign, _ in residuals]
+
+
+def _flatten_joins(g, root, inside):
+    """The Add/Sub/Sum nodes of the region's tree at ``root`` and its (tensor, sign) operands.
+
+    Unlike patterns.flatten_add it also goes through sums that rewrites made, which carry no
+    shape: a residual read as 0 leaves the sum of the rest, broadcast as before, and the probes
+    compare the recovered conv with the region at the shape the region then has."""
+    joins, operands, stack = [], [], [(root, 1.0)]
+    while stack:
+        node, sign = stack.pop()
+        joins.append(node)
+        for i, t in enumerate(node.inputs):
+            s = -sign if node.op == "Sub" and i == 1 else sign
+            child = producer(t) if t.name else None
+            if child is not None and child.op in JOINS and id(child) in inside and g.sole_consumer(t) is node:
+                stack.append((child, s))
+            else:
+                operands.append((t, s))
+    return joins, operands
+
+
+def _upstream(t, inside, stop):
+    """The region nodes ``t`` is computed from (not the join nodes ``stop``)."""
+    out, seen, stack = [], set(), [t]
+    while stack:
+        cur = stack.pop()
+        p = producer(cur) if cur.name else None
+        if p is None or id(p) not in inside or id(p) in stop or id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append(p)
+        stack.extend(p.inputs)
+    return out

@@ -32,12 +32,27 @@ def _signed_with_rest():
     return b.build(b.node("Add", [s, b.node("Relu", [b.x])]))
 
 
+def _unsized(b):
+    """x through Reshape(x, Concat(Max(Shape(x)[0:1], 1), [C, H, W])): shape inference cannot
+    follow Max, so under a dynamic batch every size after it is unknown to it."""
+    n = b.node("Slice", [b.node("Shape", [b.x]), b.const(np.array([0])), b.const(np.array([1]))])
+    target = b.node("Concat", [b.node("Max", [n, b.const(np.array([1]))]), b.const(np.array([4, 9, 7]))], axis=0)
+    return b.node("Reshape", [b.x, target])
+
+
+def _chain_unsized():
+    b = GraphBuilder(["N", 4, 9, 7])
+    return b.build(b.conv(b.conv(_unsized(b), 4, 8, k=3, stride=2), 8, 6, k=1, pad=0), opset=13,
+                   output_shape=["N", 6, 5, 4])
+
+
 @pytest.mark.parametrize("build, rules", [
     (_repvgg, ["merge_parallel_add"]),
     (_signed_with_rest, ["merge_parallel_add"]),
     (_chain, ["compose_sequential_convs"]),
     (_region, ["collapse_affine_region"]),
-], ids=["merge", "signed-merge", "compose", "region"])
+    (_chain_unsized, ["compose_sequential_convs"]),
+], ids=["merge", "signed-merge", "compose", "region", "compose-unsized"])
 def test_predicted_cost_is_the_measured_cost(build, rules):
     model = build()
     out, report = onnxrep.optimize(model, only=rules)

@@ -151,3 +151,18 @@ def test_split_to_sequence_over_a_constant_is_left_unfolded():
     out, report = onnxrep.optimize(model)
     assert report.verification.ok
     assert ops(out)["MatMul"] == 2
+
+
+def test_output_inference_cannot_size_keeps_declared_rank_and_names():
+    # paddle2onnx's flatten under a dynamic batch: Reshape(x, Concat(Shape(x)[0:1], [-1])),
+    # which opset-13 shape inference cannot size; a graph output still needs a shape.
+    b = GraphBuilder(["N", 4, 3, 3])
+    p = b.node("GlobalAveragePool", [b.x])
+    batch = b.node("Slice", [b.node("Shape", [p]), b.const(np.array([0])), b.const(np.array([1])), b.const(np.array([0]))])
+    target = b.node("Concat", [batch, b.const(np.array([-1]))], axis=0)
+    model = b.build(b.node("Reshape", [p, target]), opset=13, output_shape=["N", 4])
+    out, _ = onnxrep.optimize(model)
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["N", ""] and not any(d.HasField("dim_value") for d in dims)
+    onnx.checker.check_model(out, full_check=True)
+    assert_same_outputs(model, out, batch=2)

@@ -36,8 +36,8 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     ComposeSequentialConvs(),
     MergeParallelConcat(),
     CanonicalizeGelu(),
+    CollapseAffineRegion(),  # late: before horizontal merging, which would split its convs
     MergeHorizontalConvs(),
-    CollapseAffineRegion(),
 )
 
 RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}

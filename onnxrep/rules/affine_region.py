@@ -28,19 +28,21 @@ the random check compares per channel too, so a channel 1e6x smaller than anothe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import List
 
 import numpy as np
 
 from ..errors import Decline
 from ..graph import channels_of, const_value, is_float_dtype, producer, spatial_hw
-from ..cost import conv_flops, graph_node_flops
+from ..cost import conv_flops, elementwise_flops, graph_node_flops
 from ..kernels import ConvParams, channel_errors, impulse_positions, kernel_from_impulses
 from ..passes import Context, Match, Rewrite, Rule
 from ..probe import Submodel
+from ..patterns import JOINS
 from ..regions import (AFFINE_INPUTS, TensorKinds, affine_node, batch_axis_kept, channel_by_channel, dead_with,
-                       expected_flops, grow_region, receptive_field, region_inputs, region_strides)
+                       expected_flops, grow_region, receptive_field, region_inputs, region_strides,
+                       set_aside_residuals)
 
 CHECK_RTOL = 2e-5
 IMPULSE = 1024.0
@@ -55,6 +57,7 @@ class RegionMatch(Match):
     region_flops: int
     fused_flops: int
     dead: List[object]  # shape readers of the region's intermediates that die with it
+    residuals: List[tuple] = field(default_factory=list)  # (tensor, sign) added to the conv as they are
 
     @property
     def removes(self):
@@ -87,16 +90,26 @@ class CollapseAffineRegion(Rule):
             return None
         nodes = grow_region(g, node, kinds)
         inputs = region_inputs(nodes, kinds)
+        residuals = []
         if len(inputs) > 1:
-            # Grown through a residual into the previous block: the block itself starts at the
-            # tensor its branches fan out from (FastViT's RepMixer: x + s * (mixer(x) - norm(x))).
-            nodes = grow_region(g, node, kinds, stop_at_fanout=True)
-            inputs = region_inputs(nodes, kinds)
+            aside = set_aside_residuals(g, node, nodes, kinds)
+            if aside is not None:
+                # A residual or a shortcut of another tensor added at the end: the region is
+                # the rest, its conv gets the residual added back (as merge_parallel_add does).
+                nodes, _, residuals = aside
+                inputs = [t for t in region_inputs(nodes, kinds) if all(t is not r for r, _ in residuals)]
+            else:
+                # Grown through a residual into the previous block: the block itself starts at the
+                # tensor its branches fan out from (FastViT's RepMixer: x + s * (mixer(x) - norm(x))).
+                nodes = grow_region(g, node, kinds, stop_at_fanout=True)
+                inputs = region_inputs(nodes, kinds)
         nodes = without_scalar_head(nodes, kinds)
-        inputs = region_inputs(nodes, kinds)
+        inputs = [t for t in region_inputs(nodes, kinds) if all(t is not r for r, _ in residuals)]
         layers = sum(n.op in ("Conv", "AveragePool") for n in nodes)
         if layers == 0:
             return None  # elementwise and data movement only: no conv is cheaper than that
+        if residuals and [n.op for n in nodes if n.op not in JOINS] == ["Conv"]:
+            return None  # one conv plus residuals: already what the rewrite would write
         if one_layer_and_constants(nodes, kinds):
             return None  # e.g. GELU's trailing "* 0.5" before a conv: folding it would save one
             # elementwise op and cost the runtime its activation fusion
@@ -104,12 +117,12 @@ class CollapseAffineRegion(Rule):
         if key in ctx.memo:  # probed before and declined; the region has not changed since
             raise Decline(ctx.memo[key])
         try:
-            return self._check(ctx, node, nodes, inputs, kinds)
+            return self._check(ctx, node, nodes, inputs, kinds, residuals)
         except Decline as exc:
             ctx.memo[key] = str(exc)
             raise
 
-    def _check(self, ctx, anchor, nodes, inputs, kinds):
+    def _check(self, ctx, anchor, nodes, inputs, kinds, residuals):
         g = ctx.graph
         where = f"region of {len(nodes)} nodes ending at '{anchor.name}'"
         if len(inputs) != 1:
@@ -120,7 +133,7 @@ class CollapseAffineRegion(Rule):
             raise Decline(f"{where}: input or output is not NCHW with static C, H, W")
         if not (is_float_dtype(y.dtype) and np.dtype(y.dtype) == np.float32 and np.dtype(x.dtype) == np.float32):
             raise Decline(f"{where}: only float32 regions are probed")
-        reason = batch_axis_kept(nodes, x, y)
+        reason = batch_axis_kept(nodes, x, y, [r for r, _ in residuals])
         if reason:
             raise Decline(f"{where}: {reason}")
         strides = region_strides(g, nodes, x, y)
@@ -132,24 +145,30 @@ class CollapseAffineRegion(Rule):
         if expected > region_flops and not ctx.allow_growth:  # decided before any probing
             raise Decline(f"{where}: one conv would cost about {expected} FLOPs, the region {region_flops}")
         try:
-            sub = Submodel(g.graph, nodes, x, y, kinds)
+            sub = Submodel(g.graph, nodes, x, y, kinds, zeros=[r for r, _ in residuals])
             fused = _recover(sub, c_in, hw_in, strides, c_out, receptive_field(g, nodes, x, y),
                              channel_by_channel(g, nodes))
         except Decline as exc:
             raise Decline(f"{where}: {exc}") from None
-        fused_flops = conv_flops(fused, hw_out)
+        fused_flops = conv_flops(fused, hw_out) + len(residuals) * elementwise_flops("Add", c_out * hw_out[0] * hw_out[1])
         if fused_flops > region_flops and not ctx.allow_growth:
             raise Decline(f"{where}: one conv would cost {fused_flops} FLOPs, the region {region_flops}")
-        return RegionMatch(anchor, nodes, x, fused, region_flops, fused_flops, dead_with(nodes, y))
+        return RegionMatch(anchor, nodes, x, fused, region_flops, fused_flops, dead_with(nodes, y), residuals)
 
     def rewrite(self, ctx: Context, m: RegionMatch) -> Rewrite:
         g = ctx.graph
         y = m.anchor.outputs[0]
-        new = g.write_conv(f"{m.anchor.name}.conv", m.fused, m.x, y, np.float32)
+        acc = g.variable(f"{m.anchor.name}.conv", y) if m.residuals else y
+        created = [g.write_conv(f"{m.anchor.name}.conv", m.fused, m.x, acc, np.float32).name]
+        for i, (r, sign) in enumerate(m.residuals):
+            out = y if i == len(m.residuals) - 1 else g.variable(f"{m.anchor.name}.sum", y)
+            created.append(g.add_node("Add" if sign > 0 else "Sub", m.anchor.name, [acc, r], [out]).name)
+            acc = out
         kh, kw = m.fused.kernel_shape
         ops = sorted({n.op for n in m.nodes})
-        return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), (new.name,),
-                       f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}",
+        aside = f" + {len(m.residuals)} residual(s) set aside" if m.residuals else ""
+        return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), tuple(created),
+                       f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}{aside}",
                        flops=(m.region_flops, m.fused_flops))
 
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..cost import conv_flops, elementwise_flops, graph_node_flops
+from ..cost import conv_flops, elementwise_flops, graph_node_flops, resolved_shape, resolved_size
 from ..errors import Decline
 from ..graph import const_value, per_channel, spatial_size, static_shape
 from ..kernels import ConvParams, diagonal_conv, dims_str, merge_parallel
@@ -159,14 +159,14 @@ class MergeParallelAdd(Rule):
 
 def _predicted_flops(g, m: AddMatch, out) -> Optional[tuple]:
     """(before, after) FLOPs with onnxrep.cost, or None when a size is not static."""
-    size, shape = spatial_size(out), static_shape(out)
-    if size is None or shape is None or not all(isinstance(d, int) for d in shape[1:]):
+    size, shape = resolved_size(g, out), resolved_shape(g, out)
+    if size is None or shape is None:
         return None
     try:
         before = sum(graph_node_flops(g, n) for n in m.removes)
     except Decline:
         return None
-    outputs = int(np.prod(shape[1:]))
+    outputs = int(np.prod(shape))
     terms = len(m.merges) + len(m.rest)
     if any(mg.params is None for mg in m.merges):
         return None

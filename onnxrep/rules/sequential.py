@@ -65,13 +65,13 @@ class ComposeSequentialConvs(Rule):
         if g.escapes([first, node], keep=node.outputs):
             return None  # conv1's output is used elsewhere: nothing to remove
         p1, p2 = g.read_linear(first), g.read_linear(node)
-        before = layer_output_flops(p1, first.outputs[0], first.op) + layer_output_flops(p2, node.outputs[0], node.op)
+        before = layer_output_flops(p1, first.outputs[0], first.op, g) + layer_output_flops(p2, node.outputs[0], node.op, g)
         try:
             fused, note = judge_composition(ctx, p1, p2, node.outputs[0], first.inputs[0], before)
         except Decline as exc:
             raise Decline(f"'{first.name}' -> '{node.name}': {exc}") from None
         conv = first if first.op == "Conv" else node
-        after = layer_output_flops(fused, node.outputs[0], "Conv")
+        after = layer_output_flops(fused, node.outputs[0], "Conv", g)
         return SequentialMatch(first, node, fused, conv.inputs[1].values.dtype, note, first.inputs[0], node.outputs[0],
                                (before, after))
 

@@ -59,3 +59,26 @@ def test_pad_that_is_not_zero_padding_stays(pads, value, mode, why):
     out, report = onnxrep.optimize(model, only=RULE)
     assert ops(out) == ops(model)
     assert any(why in d.reason for d in report.declines), report.declines
+
+
+def _zero_slab_border(b, y, c, h, w, value=0.0):
+    """Concats of constant slabs around y on H, then W (paddle2onnx's spelling of a pad)."""
+    slab = lambda shape: b.const(np.full(shape, value, np.float32))
+    y = b.node("Concat", [slab((1, c, 1, w)), y, slab((1, c, 2, w))], axis=2)
+    return b.node("Concat", [slab((1, c, h + 3, 2)), y, slab((1, c, h + 3, 1))], axis=3)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_zero_border_written_as_concats_becomes_conv_pads(value):
+    b = GraphBuilder([1, 4, 6, 5])
+    y = _zero_slab_border(b, b.node("Relu", [b.x]), 4, 6, 5, value)
+    model = b.build(b.conv(y, 4, 3, k=3, pad=0))
+    out, report = onnxrep.optimize(model, only=["fold_pad_into_conv"])
+    if value:
+        assert ops(out) == ops(model)
+        assert any("not 0" in d.reason for d in report.declines), report.declines
+    else:
+        assert ops(out) == {"Relu": 1, "Conv": 1}
+        conv = next(n for n in out.graph.node if n.op_type == "Conv")
+        assert list(next(a.ints for a in conv.attribute if a.name == "pads")) == [1, 2, 2, 1]
+    assert_same_outputs(model, out)
