@@ -70,21 +70,24 @@ def same_shape(a, b) -> bool:
     )
 
 
-def flatten_add(g: RepGraph, root):
+def flatten_add(g: RepGraph, root, follow=None):
     """The join nodes (Add, Sub, Sum) of the tree rooted at ``root`` and its operands as
-    (tensor, sign) pairs, left to right: Sub's second operand counts negatively."""
+    (tensor, sign) pairs, left to right: Sub's second operand counts negatively.
+
+    A join is followed into when only its parent reads it and ``follow(t, child)`` holds for
+    the tensor ``t`` it computes (default: ``t`` has the parent's shape, no broadcast)."""
     joins, operands, stack = [], [], [(root, 1.0)]
     while stack:
         node, sign = stack.pop()
         joins.append(node)
         for i, t in enumerate(node.inputs):
             s = -sign if node.op == "Sub" and i == 1 else sign
-            child = producer(t)
+            child = producer(t) if t.name else None
             if (
                 child is not None
                 and child.op in JOINS
                 and g.sole_consumer(t) is node
-                and same_shape(t, node.outputs[0])
+                and (same_shape(t, node.outputs[0]) if follow is None else follow(t, child))
             ):
                 stack.append((child, s))
             else:

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import Decline
 from .graph import const_value, producer, spatial_hw, static_shape, str_attr
-from .patterns import JOINS, same_shape
+from .patterns import JOINS, flatten_add, same_shape
 from .probe import toposort
 
 ALL = None  # every input may carry the activation
@@ -495,21 +495,10 @@ def set_aside_residuals(g, anchor, nodes, kinds):
 def _flatten_joins(g, root, inside):
     """The Add/Sub/Sum nodes of the region's tree at ``root`` and its (tensor, sign) operands.
 
-    Unlike patterns.flatten_add it also goes through sums that rewrites made, which carry no
+    Unlike merge_parallel_add it also goes through sums that rewrites made, which carry no
     shape: a residual read as 0 leaves the sum of the rest, broadcast as before, and the probes
     compare the recovered conv with the region at the shape the region then has."""
-    joins, operands, stack = [], [], [(root, 1.0)]
-    while stack:
-        node, sign = stack.pop()
-        joins.append(node)
-        for i, t in enumerate(node.inputs):
-            s = -sign if node.op == "Sub" and i == 1 else sign
-            child = producer(t) if t.name else None
-            if child is not None and child.op in JOINS and id(child) in inside and g.sole_consumer(t) is node:
-                stack.append((child, s))
-            else:
-                operands.append((t, s))
-    return joins, operands
+    return flatten_add(g, root, follow=lambda t, child: id(child) in inside)
 
 
 def _upstream(t, inside, stop):
