@@ -31,6 +31,7 @@ import sys
 import tempfile
 from typing import BinaryIO, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import set_external_data
@@ -52,11 +53,25 @@ _SCAN_LIMIT = 16 << 20  # larger model files are searched for "location" before 
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of initializer data held in the model (external tensors not counted)."""
+    """Bytes of initializer data held in the model (external tensors not counted).
+
+    A tensor stored as raw bytes is sized from its dims, without reading the bytes (which the
+    protobuf runtime would copy out); other encodings by their serialized size."""
     total = 0
     for t in model.graph.initializer:
-        total += len(t.raw_data) if t.raw_data else t.ByteSize()
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        size = _ITEMSIZE.get(t.data_type) if t.HasField("raw_data") else None
+        total += int(np.prod(t.dims, dtype=np.int64)) * size if size else t.ByteSize()
     return total
+
+
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in (
+    (onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.DOUBLE, np.float64), (onnx.TensorProto.FLOAT16, np.float16),
+    (onnx.TensorProto.BFLOAT16, np.uint16), (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.UINT8, np.uint8),
+    (onnx.TensorProto.INT16, np.int16), (onnx.TensorProto.UINT16, np.uint16), (onnx.TensorProto.INT32, np.int32),
+    (onnx.TensorProto.UINT32, np.uint32), (onnx.TensorProto.INT64, np.int64), (onnx.TensorProto.UINT64, np.uint64),
+    (onnx.TensorProto.BOOL, np.bool_))}
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -559,8 +574,9 @@ def session(model: onnx.ModelProto, options: ort.SessionOptions,
     extra = b""
     if extra_outputs:
         extra = onnx.ModelProto(graph=onnx.GraphProto(output=list(extra_outputs))).SerializeToString()
-    external = needs_external_data(model)
-    if not external and model.ByteSize() < FILE_SESSION_BYTES:
+    size = tensor_bytes(model)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    if not external and size < FILE_SESSION_BYTES:
         return runtime.open_session(model.SerializeToString() + extra, options, providers)
     try:
         with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:

@@ -153,3 +153,17 @@ def test_default_tensor_budget_follows_the_weights():
         [onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1 << 30])]))  # dims alone decide
     assert default_tensor_budget(big) == TENSOR_BUDGET_MAX_BYTES
 
+
+
+def test_tensor_bytes_sizes_raw_tensors_from_their_dims():
+    from onnx import numpy_helper
+
+    raw = [numpy_helper.from_array(np.ones(s, dt), f"t{i}") for i, (s, dt) in
+           enumerate([((3, 4), np.float32), ((5,), np.float16), ((2, 2), np.int64), ((7,), np.bool_), ((), np.float64)])]
+    typed = helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])  # float_data, not raw
+    external = numpy_helper.from_array(np.ones(1000, np.float32), "ext")
+    external.data_location = onnx.TensorProto.EXTERNAL
+    external.ClearField("raw_data")
+    g = helper.make_graph([], "g", [], [], raw + [typed, external])
+    want = sum(len(t.raw_data) for t in raw) + typed.ByteSize()
+    assert modelio.tensor_bytes(helper.make_model(g)) == want
