@@ -18,6 +18,7 @@ by :meth:`RepGraph.compact`, which it calls once per pass.
 
 from __future__ import annotations
 
+import math
 import gc
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -323,7 +324,7 @@ class RepGraph:
                     node.inputs.extend(inputs)
                     node.outputs.extend(outputs)
             raise
-        self._released += sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+        self._released += sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize
                               for _, inputs, _ in saved for t in inputs if isinstance(t, gs.Constant) and not t.outputs)
         if self._released >= COLLECT_BYTES:
             gc.collect()  # see COLLECT_BYTES

@@ -20,6 +20,7 @@ The protocol is described in docs/files.md; in short:
 
 from __future__ import annotations
 
+import math
 import contextlib
 import errno
 import mmap
@@ -62,7 +63,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         size = _ITEMSIZE.get(t.data_type) if t.HasField("raw_data") else None
-        total += int(np.prod(t.dims, dtype=np.int64)) * size if size else t.ByteSize()
+        total += math.prod(t.dims) * size if size else t.ByteSize()
     return total
 
 

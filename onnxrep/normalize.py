@@ -14,6 +14,7 @@ Normalization makes every exporter dialect look alike to the rules (docs/rules.m
 
 from __future__ import annotations
 
+import math
 import contextlib
 import logging
 import os
@@ -165,7 +166,7 @@ def infer_shapes(graph: gs.Graph) -> None:
     for name, t in tensors.items():
         if not isinstance(t, gs.Constant) or not name:
             continue
-        if int(np.prod(t.shape, dtype=np.int64)) <= _LIGHT_TENSOR:  # t.shape leaves a lazy weight unread
+        if math.prod(t.shape) <= _LIGHT_TENSOR:  # t.shape leaves a lazy weight unread
             light.graph.initializer.append(OnnxExporter.export_tensor_proto(t))
         else:
             elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))

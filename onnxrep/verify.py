@@ -26,6 +26,7 @@ See docs/verification.md for the reasoning; in short:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -72,7 +73,7 @@ def default_tensor_budget(model: onnx.ModelProto) -> int:
             size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         except (KeyError, TypeError, ValueError):  # strings and the like: not weights
             continue
-        weights += int(np.prod(t.dims, dtype=np.int64)) * size
+        weights += math.prod(t.dims) * size
     return int(min(TENSOR_BUDGET_MAX_BYTES, max(TENSOR_BUDGET_MIN_BYTES, weights // 2)))
 
 _FLOAT_TYPES = {
