@@ -431,7 +431,7 @@ def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol:
         diff_c = np.moveaxis(diff, 1, 0).reshape(c, -1).max(axis=1)
         mag_c = np.moveaxis(mag, 1, 0).reshape(c, -1).max(axis=1)
     else:
-        diff_c, mag_c = diff.max(keepdims=True), mag.max(keepdims=True)
+        diff_c, mag_c = diff.reshape(-1).max(keepdims=True), mag.reshape(-1).max(keepdims=True)  # 0-d too
     floor = atol if atol is not None else floor_rel * max(float(mag.max()), scale)
     allowed_c = rtol * mag_c + floor
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -444,6 +444,14 @@ def test_compare_floor_covers_rounding_of_a_tensor_that_is_zero_at_this_draw():
     assert not compare(y * 100, ref, 1e-4, 1e-6, scale=1.0).ok
 
 
+def test_compare_scalar_tensors():
+    """0-d float tensors (a TorchScript export computes some, e.g. a norm's sqrt of a constant)."""
+    ref = np.array(2.0, np.float32)
+    assert compare(ref.copy(), ref, 1e-4, 1e-6).ok
+    c = compare(np.array(2.01, np.float32), ref, 1e-4, 1e-6)
+    assert not c.ok and c.channel is None and c.error == pytest.approx(0.01, rel=1e-3)
+
+
 def test_compare_non_finite_values_must_match_in_position_and_kind():
     ref = np.array([[1.0, np.inf, np.nan, -np.inf]], np.float32)
     assert compare(ref.copy(), ref, 1e-4, 1e-6).ok
