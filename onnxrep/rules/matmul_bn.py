@@ -45,9 +45,10 @@ def _keeps_last_axis(reshape, rank_in: int, features: int) -> bool:
     if reshape.op == "Flatten":
         return int(reshape.attrs.get("axis", 1)) % rank_in == rank_in - 1
     shape = const_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-    if shape is None or shape.size != 2 or int(reshape.attrs.get("allowzero", 0)):
+    if shape is None or shape.size != 2:
         return False
     first, last = (int(v) for v in shape.reshape(-1))
+    # allowzero (which the dynamo exporter sets) only changes what a 0 entry means; none is allowed
     return last == features and first != 0
 
 
