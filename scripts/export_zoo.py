@@ -13,11 +13,19 @@ Setup (throw-away virtual environments outside the repository)::
     python3 -m venv /path/to/mm
     echo /path/to/torch/lib/python3.11/site-packages > /path/to/mm/lib/python3.11/site-packages/torch.pth
     /path/to/mm/bin/pip install mmpretrain mmengine mmcv-lite
+    # super-gradients 3.7 pins old versions of half the ecosystem: install it without them, then
+    # what its import needs (same .pth trick)
+    python3 -m venv /path/to/sg
+    echo /path/to/torch/lib/python3.11/site-packages > /path/to/sg/lib/python3.11/site-packages/torch.pth
+    /path/to/sg/bin/pip install --no-deps super-gradients==3.7.1
+    /path/to/sg/bin/pip install "setuptools<80" omegaconf hydra-core termcolor boto3 stringcase jsonschema \
+        rapidfuzz torchmetrics tensorboard treelib imagesize pycocotools scipy einops deprecated data_gradients
 
 Run (from the repository root; each package's models with the interpreter that has it)::
 
     /path/to/torch/bin/python scripts/export_zoo.py --package ultralytics
     /path/to/mm/bin/python scripts/export_zoo.py --package mmpretrain
+    /path/to/sg/bin/python scripts/export_zoo.py --package super-gradients
 
 ``--out`` (default ``models/zoo``) receives ``NAME_ts.onnx``, ``NAME_dynamo.onnx`` and
 ``NAME_dynamo_noopt.onnx`` and ``deploy/NAME.onnx``; ``manifest.json`` there is updated with
@@ -28,11 +36,14 @@ Every model is built from the package's own configuration, scaled down to a few 
 parameters randomized, and exported in three dialects: TorchScript (``dynamo=False``, opset 17,
 dynamic batch), dynamo (``dynamo=True``, opset 18, dynamic batch) and dynamo with
 ``optimize=False``. The package's own deploy conversion (ultralytics ``model.fuse()``, which
-fuses Conv+BN, RepConv and RepVGGDW; mmpretrain ``switch_to_deploy()``) is then applied to a
-copy and exported with TorchScript as the deploy reference, whose operator counts the manifest
-records (``deploy_ops``). Every training export is run in onnxruntime against the deploy
-reference on the same input; the script exits non-zero when an output differs by more than
-1e-4 of its scale.
+fuses Conv+BN, RepConv and RepVGGDW; mmpretrain ``switch_to_deploy()``; super-gradients
+``prep_model_for_conversion()``) is then applied to a copy and exported with TorchScript as the
+deploy reference, whose operator counts the manifest records (``deploy_ops``). Every training
+export is run in onnxruntime against the deploy reference on the same input; the script exits
+non-zero when an output differs by more than 1e-4 of its scale.
+
+Models onnxrep does not bring to their deploy form (mmpretrain's LeViT and RepMLP; the reason is
+in ``gaps`` below) are exported only with ``--gaps`` and never enter the manifest.
 """
 
 from __future__ import annotations
@@ -257,7 +268,40 @@ def mmpretrain_models():
                    compare_ops=compare.get(name, ["Conv", "BatchNormalization", "Add"]), gap=gaps.get(name))
 
 
-PACKAGES = {"ultralytics": ultralytics_models, "mmpretrain": mmpretrain_models}
+# --------------------------------------------------------------------------- super-gradients
+
+
+def super_gradients_models():
+    import super_gradients
+    from super_gradients.training.models.detection_models.yolo_nas.yolo_stages import YoloNASStage, YoloNASStem
+
+    fw = f"super-gradients {super_gradients.__version__}"
+
+    def make():
+        # yolo_nas_s_arch_params.yaml's backbone (stem 48, stages 96/192/384/768 with 2/3/5/2 blocks
+        # and hidden 32/64/96/192) at a few channels (stages 8/16/24/32, hidden 8/8/8/16), blocks halved
+        channels, blocks, hidden = [8, 16, 24, 32], [1, 2, 3, 1], [8, 8, 8, 16]
+        layers, cin = [YoloNASStem(3, 4)], 4
+        for c, n, h in zip(channels, blocks, hidden):
+            layers.append(YoloNASStage(cin, c, n, "relu", hidden_channels=h, concat_intermediates=False))
+            cin = c
+        return nn.Sequential(*layers)
+
+    def deploy(model):
+        for m in model.modules():
+            if hasattr(m, "prep_model_for_conversion") and m is not model:
+                m.prep_model_for_conversion()
+        return model
+
+    yield dict(name="yolo_nas_s", framework=fw, family="qarepvgg", make=make, deploy=deploy, wrap=None,
+               input_shape=[1, 3, 64, 64], output_names=["output"],
+               description="YOLO-NAS-S backbone (YoloNASStem, 4 YoloNASStage: QARepVGG downsample, CSP layer of "
+               "QARepVGG bottlenecks: BN(3x3) + alpha*(1x1+bias) [+ identity], then a post-BN) at stage widths "
+               "8/16/24/32, blocks (1, 2, 3, 1); input 64x64; deploy: prep_model_for_conversion() on every block")
+
+
+PACKAGES = {"ultralytics": ultralytics_models, "mmpretrain": mmpretrain_models,
+            "super-gradients": super_gradients_models}
 
 
 # --------------------------------------------------------------------------- build / export
