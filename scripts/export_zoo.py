@@ -166,7 +166,7 @@ def ultralytics_models():
         model.fuse(verbose=False)
         return model
 
-    MAX_CHANNELS = 64  # noqa: N806 (x width 0.125 = 8 channels everywhere)
+    MAX_CHANNELS = 64  # noqa: N806 (x width 0.125 = 8 channels; YOLOv9t's yaml has no scales: width alone)
     REG_MAX = 4  # noqa: N806
     specs = [
         ("yolov8", "yolov8.yaml", 0.33, 0.125, "yolo_c2f",
@@ -183,8 +183,8 @@ def ultralytics_models():
     for name, yaml_name, depth, width, family, desc in specs:
         yield dict(name=name, framework=fw, family=family, make=build(yaml_name, depth, width), deploy=deploy,
                    wrap=YoloRaw, input_shape=[1, 3, 64, 64], output_names=["boxes", "scores"],
-                   description=f"{desc}; {yaml_name} at depth {depth}, width {width}, at most "
-                   f"{int(MAX_CHANNELS * width)} channels, nc 4, reg_max 4; input 64x64; outputs: raw head "
+                   description=f"{desc}; {yaml_name} at depth {depth}, width {width} (8-channel layers, 16 in "
+                   "the box head), nc 4, reg_max 4; input 64x64; outputs: raw head "
                    "(box distributions, class logits), before DFL decoding; deploy: model.fuse()")
 
 
