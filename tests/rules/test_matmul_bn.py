@@ -38,3 +38,30 @@ def test_reshape_that_moves_the_feature_axis_stays(allowzero):
     model = linear_bn("reshape", reshape_to=[10, 3], allowzero=allowzero)
     out, report = onnxrep.optimize(model, only=RULE)
     assert ops(out) == ops(model)
+
+
+def linear_bn_reshape_as(extra_reader: str = "Shape"):
+    """TorchScript's LinearBatchNorm: bn(z.flatten(0, 1)).reshape_as(z), the shape read from z."""
+    b = GraphBuilder(["N", 5, 4])
+    z = b.node("MatMul", [b.x, b.const(b.rand(4, 6))])
+    y = b.bn(b.node("Flatten", [z], axis=2), 6)
+    out = b.node("Reshape", [y, b.node(extra_reader, [z]) if extra_reader == "Shape" else b.node("Shape", [z])])
+    if extra_reader != "Shape":  # a reader of z's value as well
+        out = b.node("Add", [out, b.node(extra_reader, [z])])
+    return b.build(out)
+
+
+def test_shape_readers_of_the_matmul_follow_it():
+    model = linear_bn_reshape_as()
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert "BatchNormalization" not in ops(out) and ops(out)["Shape"] == 1
+    for batch in (1, 3):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 5, 4)).astype(np.float32)}
+        assert_equal_per_channel(model, out, feeds)
+
+
+def test_a_reader_of_the_matmul_value_keeps_the_bn():
+    model = linear_bn_reshape_as(extra_reader="Relu")
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out) == ops(model)
+    assert any("also used by" in d.reason for d in report.declines)
