@@ -157,11 +157,32 @@ def infer_shapes(graph: gs.Graph) -> None:
     Tensors inference cannot size keep the shape they had.
     """
     tensors = graph.tensors()
+    inferred = _infer_light(graph)
+    if inferred is None:  # keep going with the shapes we have
+        return
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = tensors.get(vi.name)
+        ttype = vi.type.tensor_type
+        if not isinstance(t, gs.Variable) or not ttype.HasField("shape"):
+            continue
+        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        if t.dtype is None and ttype.elem_type:
+            t.dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+
+
+def _infer_light(graph: gs.Graph, input_shapes: Optional[Dict[str, List[int]]] = None) -> Optional[onnx.ModelProto]:
+    """ONNX shape inference on a light copy of ``graph`` (see infer_shapes), the graph inputs
+    declared at ``input_shapes`` where given; None when inference fails."""
+    tensors = graph.tensors()
     light = onnx.ModelProto()
     light.ir_version = 10
     light.opset_import.extend(graph.import_domains or [helper.make_opsetid("", graph.opset)])
     light.graph.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
-    light.graph.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    for t in graph.inputs:
+        vi = OnnxExporter.export_value_info_proto(t, False)
+        if input_shapes and t.name in input_shapes and vi.type.HasField("tensor_type"):
+            vi = helper.make_tensor_value_info(t.name, vi.type.tensor_type.elem_type, list(input_shapes[t.name]))
+        light.graph.input.append(vi)
     light.graph.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     for name, t in tensors.items():
         if not isinstance(t, gs.Constant) or not name:
@@ -172,18 +193,10 @@ def infer_shapes(graph: gs.Graph) -> None:
             elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
             light.graph.input.append(helper.make_tensor_value_info(name, elem, list(t.shape)))
     try:
-        inferred = shape_inference.infer_shapes(light, data_prop=True)
-    except Exception as exc:  # keep going with the shapes we have
+        return shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as exc:
         log.debug("shape inference failed: %s", exc)
-        return
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        t = tensors.get(vi.name)
-        ttype = vi.type.tensor_type
-        if not isinstance(t, gs.Variable) or not ttype.HasField("shape"):
-            continue
-        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
-        if t.dtype is None and ttype.elem_type:
-            t.dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        return None
 
 
 def normalize(graph: gs.Graph) -> gs.Graph:
@@ -414,6 +427,7 @@ def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Di
             if d.dim_param:
                 symbols[d.dim_param] = v
     out: Dict[str, List[int]] = {}
+    unresolved = False
     for name, t in graph.tensors().items():
         shape = getattr(t, "shape", None)
         if shape is None or isinstance(t, gs.Constant):
@@ -421,6 +435,16 @@ def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Di
         dims = [d if isinstance(d, int) else symbols.get(d) for d in shape]
         if all(isinstance(d, int) for d in dims):
             out[name] = dims
+        else:
+            unresolved = True
+    if unresolved:
+        # Symbols inference invented (a Resize's output batch becomes a new 'unk__0') are not
+        # the inputs' symbols: infer again with the inputs at their concrete sizes.
+        inferred = _infer_light(graph, input_shapes)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output) if inferred else []:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            if vi.name not in out and vi.type.tensor_type.HasField("shape") and None not in dims:
+                out[vi.name] = dims
     return out
 
 

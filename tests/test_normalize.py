@@ -166,3 +166,19 @@ def test_output_inference_cannot_size_keeps_declared_rank_and_names():
     assert [d.dim_param for d in dims] == ["N", ""] and not any(d.HasField("dim_value") for d in dims)
     onnx.checker.check_model(out, full_check=True)
     assert_same_outputs(model, out, batch=2)
+
+
+def test_known_shapes_reach_past_a_shape_chain_and_a_resize():
+    """TorchScript's C2f chunk (a Slice whose end is computed from Shape) hides every size from
+    inference on the original, and inference on the normalized graph gives a Resize's output a
+    batch symbol of its own ('unk__0'): the report must still count the conv after them."""
+    b = GraphBuilder(["N", 4, 4, 4])
+    c = b.node("Gather", [b.node("Shape", [b.x]), b.const(np.array(1, np.int64))])
+    half = b.node("Unsqueeze", [b.node("Div", [c, b.const(np.array(2, np.int64))]), b.const(np.array([0], np.int64))])
+    s = b.node("Slice", [b.x, b.const(np.array([0], np.int64)), half, b.const(np.array([1], np.int64))])
+    r = b.node("Resize", [s, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    model = b.build(b.conv(r, 2, 2, k=3, pad=1))
+    out, report = onnxrep.optimize(model)
+    conv = 2 * (2 * 8 * 8) * (2 * 3 * 3) + 2 * 8 * 8  # at batch 1: MACs x 2 + bias
+    assert report.before.flops >= conv and report.after.flops >= conv
+    assert not report.warnings

@@ -8,6 +8,10 @@ The reshape only merges leading axes, so column d of the flattened tensor is fea
 MatMul's output and BN's per-channel map y = z * s + h folds into W's columns and one Add of h
 over the last axis (docs/rules.md §1). A reshape that moves the feature axis declines by not
 matching. (Without a reshape, a rank-2 MatMul -> BN is fold_bn_into_conv's.)
+
+``Shape`` readers of the MatMul's output (TorchScript's ``reshape_as(x)`` that restores the
+leading axes after the BN) read only its shape, which the new MatMul has too: they are re-created
+on it. Any other reader keeps the MatMul's value alive and the match declines.
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ class ReshapedBnMatch(Match):
     weight: np.ndarray
     shift: np.ndarray
     dtype: object
+    shapes: tuple = ()  # Shape nodes reading the MatMul's output
 
     @property
     def removes(self):
-        return [self.matmul, self.reshape, self.bn]
+        return [self.matmul, self.reshape, self.bn, *self.shapes]
 
     @property
     def keeps(self):
-        return [self.bn.outputs[0]]
+        return [self.bn.outputs[0], *(n.outputs[0] for n in self.shapes)]
 
 
 def _keeps_last_axis(reshape, rank_in: int, features: int) -> bool:
@@ -45,9 +50,10 @@ def _keeps_last_axis(reshape, rank_in: int, features: int) -> bool:
     if reshape.op == "Flatten":
         return int(reshape.attrs.get("axis", 1)) % rank_in == rank_in - 1
     shape = const_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-    if shape is None or shape.size != 2 or int(reshape.attrs.get("allowzero", 0)):
+    if shape is None or shape.size != 2:
         return False
     first, last = (int(v) for v in shape.reshape(-1))
+    # allowzero (which the dynamo exporter sets) only changes what a 0 entry means; none is allowed
     return last == features and first != 0
 
 
@@ -75,13 +81,15 @@ class FoldBnThroughReshape(Rule):
         if len(scale) != features:
             raise Decline(f"BatchNormalization '{node.name}' has {len(scale)} channels, the MatMul {features} features")
         weight, _ = affine_after_matmul(g.read_matmul(matmul)[0], None, scale, np.zeros(features))
-        return ReshapedBnMatch(matmul, reshape, node, weight, shift, w.dtype)
+        shapes = tuple(c for c in g.consumers(matmul.outputs[0]) if c.op == "Shape" and len(c.outputs) == 1)
+        return ReshapedBnMatch(matmul, reshape, node, weight, shift, w.dtype, shapes)
 
     def rewrite(self, ctx: Context, m: ReshapedBnMatch) -> Rewrite:
         g = ctx.graph
         base = m.matmul.name
         z = g.variable(f"{base}.out", m.matmul.outputs[0])
         created = [g.add_node("MatMul", base, [m.matmul.inputs[0], g.constant(f"{base}.weight", m.weight, m.dtype)], [z])]
+        created += [g.add_node("Shape", n.name, [z], [n.outputs[0]], dict(n.attrs)) for n in m.shapes]
         if np.any(m.shift != 0):
             biased = g.variable(f"{base}.biased", m.matmul.outputs[0])
             created.append(g.add_node("Add", f"{base}.bias", [z, g.constant(f"{base}.bias", m.shift, m.dtype)], [biased]))

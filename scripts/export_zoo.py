@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""Export small-width models built by real model-zoo packages as training-structure fixtures.
+
+This script is NOT a dependency of the ``onnxrep`` package: the zoo packages are only needed
+here, to (re)generate ``models/zoo/``. The tests only read the files and
+``models/zoo/manifest.json``.
+
+Setup (throw-away virtual environments outside the repository)::
+
+    python3 -m venv /path/to/torch
+    /path/to/torch/bin/pip install torch torchvision onnx onnxruntime onnxscript ultralytics
+    # mmpretrain (its own environment that also sees the torch one's packages)
+    python3 -m venv /path/to/mm
+    echo /path/to/torch/lib/python3.11/site-packages > /path/to/mm/lib/python3.11/site-packages/torch.pth
+    /path/to/mm/bin/pip install mmpretrain mmengine mmcv-lite
+    # super-gradients 3.7 pins old versions of half the ecosystem: install it without them, then
+    # what its import needs (same .pth trick)
+    python3 -m venv /path/to/sg
+    echo /path/to/torch/lib/python3.11/site-packages > /path/to/sg/lib/python3.11/site-packages/torch.pth
+    /path/to/sg/bin/pip install --no-deps super-gradients==3.7.1
+    /path/to/sg/bin/pip install "setuptools<80" omegaconf hydra-core termcolor boto3 stringcase jsonschema \
+        rapidfuzz torchmetrics tensorboard treelib imagesize pycocotools scipy einops deprecated data_gradients
+
+Run (from the repository root; each package's models with the interpreter that has it)::
+
+    /path/to/torch/bin/python scripts/export_zoo.py --package ultralytics
+    /path/to/mm/bin/python scripts/export_zoo.py --package mmpretrain
+    /path/to/sg/bin/python scripts/export_zoo.py --package super-gradients
+
+``--out`` (default ``models/zoo``) receives ``NAME_ts.onnx``, ``NAME_dynamo.onnx`` and
+``NAME_dynamo_noopt.onnx`` and ``deploy/NAME.onnx``; ``manifest.json`` there is updated with
+the entries of the package run (entries of other packages are kept).
+
+Every model is built from the package's own configuration, scaled down to a few channels
+(random init, nothing is downloaded), with every BatchNorm's running statistics and affine
+parameters randomized, and exported in three dialects: TorchScript (``dynamo=False``, opset 17,
+dynamic batch), dynamo (``dynamo=True``, opset 18, dynamic batch) and dynamo with
+``optimize=False``. The package's own deploy conversion (ultralytics ``model.fuse()``, which
+fuses Conv+BN, RepConv and RepVGGDW; mmpretrain ``switch_to_deploy()``; super-gradients
+``prep_model_for_conversion()``) is then applied to a copy and exported with TorchScript as the
+deploy reference, whose operator counts the manifest records (``deploy_ops``). Every training
+export is run in onnxruntime against the deploy reference on the same input; the script exits
+non-zero when an output differs by more than 1e-4 of its scale.
+
+Models (or dialects) onnxrep does not bring to their deploy form (mmpretrain's RepMLP, LeViT's
+dynamo optimize=False export; the reasons are in ``gaps`` below) are exported only with
+``--gaps`` and never enter the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import io
+import json
+import os
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+EXPORTERS = ("ts", "dynamo", "dynamo_noopt")
+TOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- ultralytics
+
+
+def ultralytics_cfg(yaml_name: str, depth: float, width: float, max_channels: int, nc: int = 4,
+                    reg_max: int = 4) -> dict:
+    """The package's yaml with one custom scale (small width, capped channels), few classes and a
+    short box distribution (``reg_max``, which sets the width of the box head's convs)."""
+    from ultralytics.nn.tasks import yaml_model_load
+    from ultralytics.utils.ops import make_divisible
+
+    d = copy.deepcopy(yaml_model_load(yaml_name))
+    d["nc"], d["reg_max"] = nc, reg_max  # (Detect.__init__ is patched for v10Detect's, see small_heads)
+    if d.get("scales"):
+        d["scales"] = {"z": [depth, width, max_channels]}
+        d["scale"] = "z"
+    else:  # explicit channels (YOLOv9): the global multiples apply to the first argument only,
+        # so the hidden widths of the ELAN blocks are scaled here
+        d["depth_multiple"], d["width_multiple"] = depth, width
+        # and their repeats (RepNCSPELAN4's fourth argument) by the depth multiple
+        hidden = {"ELAN1": 3, "RepNCSPELAN4": 3, "SPPELAN": 2}
+        for layer in d["backbone"] + d["head"]:
+            if layer[2] in hidden:
+                for j in range(1, hidden[layer[2]]):
+                    layer[3][j] = make_divisible(layer[3][j] * width, 8)
+            if layer[2] == "RepNCSPELAN4" and len(layer[3]) > 3:
+                layer[3][3] = max(round(layer[3][3] * depth), 1)
+    return d
+
+
+@contextlib.contextmanager
+def small_heads(reg_max: int):
+    """ultralytics' PSA and C2PSA give their Attention ``channels // 64`` heads; at a few channels
+    that is 0: build them with one head instead. v10Detect passes no ``reg_max`` to Detect (16,
+    which sets 64-channel box convs): build it with the yaml's. The structure is the package's."""
+    from ultralytics.nn.modules import block, head
+
+    attention, detect = block.Attention.__init__, head.Detect.__init__
+
+    def attention_init(self, dim, num_heads=8, attn_ratio=0.5):
+        attention(self, dim, max(num_heads, 1), attn_ratio)
+
+    def detect_init(self, nc=80, reg_max_=16, end2end=False, ch=()):
+        detect(self, nc, reg_max, end2end, ch)
+
+    block.Attention.__init__, head.Detect.__init__ = attention_init, detect_init
+    try:
+        yield
+    finally:
+        block.Attention.__init__, head.Detect.__init__ = attention, detect
+
+
+class YoloRaw(nn.Module):
+    """Backbone, neck and the Detect convolutions up to the raw head outputs.
+
+    Detect's box decoding (DFL softmax, anchors) and, for end-to-end heads, top-k selection
+    are left out: the outputs are the concatenated box distributions ``[N, 4*reg_max, A]`` and
+    class logits ``[N, nc, A]`` of the head that inference uses (one-to-one for end-to-end
+    models such as YOLOv10, whose ``fuse()`` removes the one-to-many head).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+        self.save = model.save
+
+    def forward(self, x):
+        y = []
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if m is self.model[-1]:
+                heads = m.one2one if m.end2end else m.one2many
+                p = m.forward_head(x, **heads)
+                return p["boxes"], p["scores"]
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        raise AssertionError("no head")
+
+
+def ultralytics_models():
+    import ultralytics
+    from ultralytics.nn.tasks import DetectionModel
+
+    fw = f"ultralytics {ultralytics.__version__}"
+
+    def build(yaml_name, depth, width):
+        def make():
+            with small_heads(REG_MAX):
+                return DetectionModel(ultralytics_cfg(yaml_name, depth, width, MAX_CHANNELS), verbose=False)
+
+        return make
+
+    def deploy(model):
+        model.fuse(verbose=False)
+        return model
+
+    MAX_CHANNELS = 64  # noqa: N806 (x width 0.125 = 8 channels; YOLOv9t's yaml has no scales: width alone)
+    REG_MAX = 4  # noqa: N806
+    specs = [
+        ("yolov8", "yolov8.yaml", 0.33, 0.125, "yolo_c2f",
+         "YOLOv8 (C2f, SPPF, Detect)"),
+        ("yolo11", "yolo11.yaml", 0.5, 0.125, "yolo_c3k2",
+         "YOLO11 (C3k2, SPPF, C2PSA single-head attention, depthwise Detect cls head)"),
+        ("yolov10", "yolov10n.yaml", 0.33, 0.125, "yolo_repvggdw",
+         "YOLOv10n (SCDown, C2fCIB with RepVGGDW: dw7x7+BN + dw3x3+BN, PSA, one-to-one head), "
+         "single-head attention"),
+        ("yolov9t", "yolov9t.yaml", 0.33, 0.0625, "yolo_repconv",
+         "YOLOv9t (ELAN1, AConv, RepNCSPELAN4 with RepConvN: 3x3+BN + 1x1+BN, SPPELAN); ELAN hidden widths "
+         "and RepNCSPELAN4 repeats scaled too"),
+    ]
+    for name, yaml_name, depth, width, family, desc in specs:
+        yield dict(name=name, framework=fw, family=family, make=build(yaml_name, depth, width), deploy=deploy,
+                   wrap=YoloRaw, input_shape=[1, 3, 64, 64], output_names=["boxes", "scores"],
+                   description=f"{desc}; {yaml_name} at depth {depth}, width {width} (8-channel layers, 16 in "
+                   "the box head), nc 4, reg_max 4; input 64x64; outputs: raw head "
+                   "(box distributions, class logits), before DFL decoding; deploy: model.fuse()")
+
+
+# --------------------------------------------------------------------------- mmpretrain
+
+
+class Outputs(nn.Module):
+    """An mmpretrain backbone (which returns a tuple of feature maps) as a module with outputs."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return tuple(self.backbone(x))
+
+
+def mmpretrain_models():
+    import mmpretrain
+    from mmpretrain.models import backbones as bb
+
+    fw = f"mmpretrain {mmpretrain.__version__}"
+
+    def deploy(model):
+        model.switch_to_deploy()
+        return model
+
+    def levit_arch(name):
+        # LeViT checks a custom dict for keys its constructor then does not read (embed_dim vs
+        # embed_dims): a small arch can only be given by name
+        bb.LeViT.arch_zoo[name] = dict(embed_dims=[16, 24, 32], num_heads=[2, 2, 2], depths=[1, 1, 1],
+                                       key_dims=[8, 8, 8])
+        return name
+
+    specs = [
+        ("repvgg_a0", "repvgg", lambda: bb.RepVGG(
+            dict(num_blocks=[1, 2, 4, 1], width_factor=[0.75, 0.75, 0.75, 2.5], group_layer_map=None, se_cfg=None),
+            base_channels=4, out_indices=(2, 3)),
+         "RepVGG-A0 width factors (0.75, 0.75, 0.75, 2.5) at base_channels 4, num_blocks (1, 2, 4, 1): "
+         "BN(3x3) + BN(1x1) [+ BN identity], ReLU; outputs of stages 3 and 4"),
+        ("mobileone_s0", "mobileone", lambda: bb.MobileOne(
+            dict(num_blocks=[1, 2, 2, 1], width_factor=[0.125, 0.125, 0.125, 0.125],
+                 num_conv_branches=[4, 4, 4, 4], num_se_blocks=[0, 0, 0, 0]), out_indices=(3,)),
+         "MobileOne-S0 (4 conv branches, no SE) at width factor 0.125, num_blocks (1, 2, 2, 1): depthwise "
+         "4x BN(3x3) + BN(1x1) + BN identity, pointwise 4x BN(1x1) + BN identity"),
+        ("replknet", "replknet", lambda: bb.RepLKNet(
+            dict(large_kernel_sizes=[7, 7, 7, 5], layers=[1, 1, 1, 1], channels=[8, 16, 24, 32], small_kernel=3,
+                 dw_ratio=1), drop_path_rate=0.0, out_indices=(3,)),
+         "RepLKNet-31B structure at large kernels (7, 7, 7, 5), small kernel 3, channels (8, 16, 24, 32), "
+         "one block per stage: BN(dw KxK) + BN(dw 3x3) in the large-kernel block"),
+        ("riformer_s12", "riformer", lambda: bb.RIFormer(
+            dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2],
+                 layer_scale_init_value=1.0), out_indices=(6,)),
+         "RIFormer-S12 structure at embed dims (8, 16, 24, 32), one block per stage, layer scale 1: "
+         "GroupNorm then the affine token mixer (x*w + b - x)"),
+        # (onnxrep folds GroupNorm's affine, the token mixer and the layer scale into one
+        # depthwise 1x1 Conv per block where switch_to_deploy() keeps GroupNorm's Mul/Add: the
+        # Conv count stays above the reference, the other counts reach it)
+        ("levit_128s", "levit", lambda: bb.LeViT(levit_arch("zoo"), img_size=64, out_indices=(2,)),
+         "LeViT-128S structure at embed dims (16, 24, 32), 2 heads, key dim 8, one block per stage: "
+         "Conv+BN stem, Linear+BatchNorm1d everywhere"),
+        ("repmlp", "repmlp", lambda: bb.RepMLPNet(
+            dict(channels=[8, 16, 24, 32], depths=[1, 1, 1, 1], sharesets_nums=[1, 2, 4, 8]),
+            img_size=32, out_indices=(3,)),
+         "RepMLPNet-B structure at channels (8, 16, 24, 32), one block per stage, sharesets (1, 2, 4, 8): "
+         "locality injection (BN(3x3) conv beside the partitioned FC)"),
+    ]
+    compare = {"riformer_s12": ["BatchNormalization", "Add", "Mul", "Sub"]}
+    notes = {"riformer_s12": "; onnxrep writes GroupNorm's affine, the token mixer and the layer scale as one "
+             "depthwise 1x1 Conv per block where the package keeps GroupNorm's Mul/Add, so Conv is not compared"}
+    # a reason for the whole model, or per exporter
+    gaps = {
+        "levit_128s": {"dynamo_noopt": "from the second stage on, the Reshape before BatchNormalization gets its "
+                                       "target from Shape at run time, so fold_bn_through_reshape does not match"},
+        "repmlp": "RepMLP's locality injection (BN(conv) branches beside the partitioned FC) is not merged: the "
+                  "partition reshapes move image blocks into the batch axis",
+    }
+    batch1 = {"levit_128s": {"dynamo": "torch.export specializes the batch to 1 (a Reshape to [1, 16, 16])"}}
+    for name, family, make, desc in specs:
+        size = 32 if name == "repmlp" else 64  # RepMLP's FC weights grow with the feature map's area squared
+        yield dict(name=name, framework=fw, family=family, make=make, deploy=deploy, wrap=Outputs,
+                   input_shape=[1, 3, size, size], output_names=None,
+                   description=f"{desc}; input {size}x{size}; deploy: switch_to_deploy(){notes.get(name, '')}",
+                   compare_ops=compare.get(name, ["Conv", "BatchNormalization", "Add"]), gap=gaps.get(name),
+                   batch1=batch1.get(name, {}))
+
+
+# --------------------------------------------------------------------------- super-gradients
+
+
+def super_gradients_models():
+    import super_gradients
+    from super_gradients.training.models.detection_models.yolo_nas.yolo_stages import YoloNASStage, YoloNASStem
+
+    fw = f"super-gradients {super_gradients.__version__}"
+
+    def make():
+        # yolo_nas_s_arch_params.yaml's backbone (stem 48, stages 96/192/384/768 with 2/3/5/2 blocks
+        # and hidden 32/64/96/192) at a few channels (stages 8/16/24/32, hidden 8/8/8/16), blocks halved
+        channels, blocks, hidden = [8, 16, 24, 32], [1, 2, 3, 1], [8, 8, 8, 16]
+        layers, cin = [YoloNASStem(3, 4)], 4
+        for c, n, h in zip(channels, blocks, hidden):
+            layers.append(YoloNASStage(cin, c, n, "relu", hidden_channels=h, concat_intermediates=False))
+            cin = c
+        return nn.Sequential(*layers)
+
+    def deploy(model):
+        for m in model.modules():
+            if hasattr(m, "prep_model_for_conversion") and m is not model:
+                m.prep_model_for_conversion()
+        return model
+
+    yield dict(name="yolo_nas_s", framework=fw, family="qarepvgg", make=make, deploy=deploy, wrap=None,
+               input_shape=[1, 3, 64, 64], output_names=["output"],
+               description="YOLO-NAS-S backbone (YoloNASStem, 4 YoloNASStage: QARepVGG downsample, CSP layer of "
+               "QARepVGG bottlenecks: BN(3x3) + alpha*(1x1+bias) [+ identity], then a post-BN) at stage widths "
+               "8/16/24/32, blocks (1, 2, 3, 1); input 64x64; deploy: prep_model_for_conversion() on every block")
+
+
+PACKAGES = {"ultralytics": ultralytics_models, "mmpretrain": mmpretrain_models,
+            "super-gradients": super_gradients_models}
+
+
+# --------------------------------------------------------------------------- build / export
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def randomize_bn(model: nn.Module, gen: torch.Generator) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            c = getattr(m, "num_features", getattr(m, "num_channels", None))
+            with torch.no_grad():
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(torch.empty(c).uniform_(-1.0, 1.0, generator=gen))
+                    m.running_var.copy_(torch.empty(c).uniform_(0.5, 2.0, generator=gen))
+                if m.affine:
+                    m.weight.copy_(torch.empty(c).uniform_(0.5, 1.5, generator=gen))
+                    m.bias.copy_(torch.empty(c).uniform_(-0.5, 0.5, generator=gen))
+            n += 1
+    return n
+
+
+def export(model: nn.Module, x: torch.Tensor, path: str, exporter: str, output_names) -> None:
+    if output_names is None:
+        with torch.no_grad():
+            n = len(model(x))
+        output_names = ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            if exporter == "ts":
+                axes = {"input": {0: "N"}, **{o: {0: "N"} for o in output_names}}
+                torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
+                                  output_names=list(output_names), dynamic_axes=axes)
+                return
+            prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=18,
+                                     optimize=exporter == "dynamo", input_names=["input"],
+                                     output_names=list(output_names),
+                                     dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                     external_data=False, verbose=False)
+    except Exception:
+        sys.stderr.write(log.getvalue())
+        raise
+    proto = prog.model_proto
+    for node in proto.graph.node:  # stack traces hold absolute paths of this machine
+        keep = [(p.key, p.value) for p in node.metadata_props
+                if p.key not in ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node",
+                                 "pkg.torch.onnx.class_hierarchy", "namespace")]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+    onnx.external_data_helper.convert_model_from_external_data(proto)
+    onnx.save(proto, path)
+
+
+def run_ort(path: str, x: np.ndarray) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def rel_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(p - q)) / max(float(np.max(np.abs(q))), 1e-12)) for p, q in zip(a, b))
+
+
+def op_counts(path: str) -> dict:
+    return dict(sorted(collections.Counter(n.op_type for n in onnx.load(path).graph.node).items()))
+
+
+def write_manifest(path: str, mine: list) -> None:
+    """This run's entries replace those of the same files; other entries are kept."""
+    manifest = []
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+    names = {e["file"] for e in mine}
+    manifest = [e for e in manifest if e["file"] not in names] + mine
+    manifest.sort(key=lambda e: e["file"])
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--package", required=True, choices=sorted(PACKAGES))
+    ap.add_argument("--out", default=os.path.join(ROOT, "models", "zoo"))
+    ap.add_argument("--only", nargs="*", help="model names to export (default: all of the package)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="also export the models onnxrep does not bring to their deploy form (not in the manifest)")
+    args = ap.parse_args()
+    os.makedirs(os.path.join(args.out, "deploy"), exist_ok=True)
+    manifest_path = os.path.join(args.out, "manifest.json")
+    manifest = []
+    failed = False
+    torch_version = torch.__version__.split("+")[0]
+    labels = {"ts": f"torch {torch_version} TorchScript", "dynamo": f"torch {torch_version} dynamo",
+              "dynamo_noopt": f"torch {torch_version} dynamo optimize=False"}
+    for spec in PACKAGES[args.package]():
+        name = spec["name"]
+        if args.only and name not in args.only:
+            continue
+        if isinstance(spec.get("gap"), str) and not args.gaps:
+            print(f"{name}: skipped ({spec['gap']}; --gaps exports it)")
+            continue
+        seed = seed_of(name)
+        torch.manual_seed(seed)
+        model = spec["make"]()
+        nbn = randomize_bn(model, torch.Generator().manual_seed(seed + 1))
+        model.eval()
+        x = torch.randn(spec["input_shape"], generator=torch.Generator().manual_seed(seed + 2))
+        # (mmpretrain's train() overrides return None: eval() is never chained)
+        train = spec["wrap"](model) if spec.get("wrap") else model
+        deploy_model = spec["deploy"](copy.deepcopy(model))
+        deploy_model.eval()
+        deploy = spec["wrap"](deploy_model) if spec.get("wrap") else deploy_model
+        train.eval()
+        deploy.eval()
+        deploy_rel = os.path.join("deploy", f"{name}.onnx")
+        deploy_path = os.path.join(args.out, deploy_rel)
+        export(deploy, x, deploy_path, "ts", spec["output_names"])
+        ref = run_ort(deploy_path, x.numpy())
+        with torch.no_grad():
+            torch_out = [t.numpy() for t in train(x)]
+        err = rel_err(torch_out, ref)
+        print(f"{name}: {nbn} norms; torch training model vs deploy reference: {err:.2e}")
+        if err > TOL:
+            failed = True
+        deploy_ops = op_counts(deploy_path)
+        for exporter in EXPORTERS:
+            file = f"{name}_{exporter}.onnx"
+            path = os.path.join(args.out, file)
+            gap = spec.get("gap")
+            gap = gap.get(exporter) if isinstance(gap, dict) else gap
+            if gap and not args.gaps:
+                print(f"  {file}: skipped ({gap}; --gaps exports it)")
+                continue
+            export(train, x, path, exporter, spec["output_names"])
+            err = rel_err(run_ort(path, x.numpy()), ref)
+            ok = err <= TOL
+            failed |= not ok
+            print(f"  {file}: {os.path.getsize(path) // 1024} KiB, vs deploy reference {err:.2e}"
+                  f"{'' if ok else '  FAILED'}")
+            if gap:
+                continue
+            static = spec.get("batch1", {}).get(exporter)
+            manifest.append(dict(
+                file=file, framework=spec["framework"], exporter=labels[exporter],
+                opset=17 if exporter == "ts" else 18, family=spec["family"], dynamic_batch=not static,
+                input_shape=spec["input_shape"], deploy_file=deploy_rel, deploy_ops=deploy_ops,
+                compare_ops=spec.get("compare_ops", ["Conv", "BatchNormalization", "Add"]),
+                no_channel_mul=spec.get("no_channel_mul", False),
+                description=spec["description"] + (f"; batch 1 only: {static}" if static else "")))
+        write_manifest(manifest_path, manifest)
+    if failed:
+        print("FAILED: a training export differs from the deploy reference", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
