@@ -140,10 +140,13 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
     normalized = normalize(import_graph(original))
     known_shapes = tensor_shapes(normalized, original, shapes)  # complete where inference alone is not
 
+    shared: dict = {}  # content-keyed results that replays reuse (passes.Context.shared)
+
     def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
         graph = normalized.copy()
         o.progress("rewriting")
-        ctx = Context(RepGraph(graph, resolved=known_shapes), allow_growth=o.allow_growth, on_rewrite=lambda n: o.progress("rewriting", n))
+        ctx = Context(RepGraph(graph, resolved=known_shapes), allow_growth=o.allow_growth, shared=shared,
+                      on_rewrite=lambda n: o.progress("rewriting", n))
         result = run_to_fixpoint(ctx, rules, deny, limit)
         model = export(graph, original)
         del ctx, graph

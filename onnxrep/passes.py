@@ -97,6 +97,10 @@ class Context:
     allow_growth: bool = False
     #: Rules may remember expensive results here (e.g. regions already probed and declined).
     memo: Dict[Any, Any] = field(default_factory=dict)
+    #: Results that stay valid across the builds of one run (the first, and each replay while a
+    #: failing rewrite is located), keyed by the content they were computed from, never by
+    #: names alone: a name can stand for other values in another build.
+    shared: Dict[Any, Any] = field(default_factory=dict)
     #: Called with the number of rewrites so far after each one (a progress display).
     on_rewrite: Optional[Callable[[int], None]] = None
 

@@ -28,10 +28,12 @@ the random check compares per channel too, so a channel 1e6x smaller than anothe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import List
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from ..errors import Decline
 from ..graph import channels_of, const_value, is_float_dtype, producer, spatial_hw
@@ -144,12 +146,21 @@ class CollapseAffineRegion(Rule):
         expected = expected_flops(g, nodes, x, y, c_in, c_out)
         if expected > region_flops and not ctx.allow_growth:  # decided before any probing
             raise Decline(f"{where}: one conv would cost about {expected} FLOPs, the region {region_flops}")
-        try:
-            sub = Submodel(g.graph, nodes, x, y, kinds, zeros=[r for r, _ in residuals])
-            fused = _recover(sub, c_in, hw_in, strides, c_out, receptive_field(g, nodes, x, y),
-                             channel_by_channel(g, nodes))
-        except Decline as exc:
-            raise Decline(f"{where}: {exc}") from None
+        # Probing is the expensive part, and locating a failing rewrite replays the rules: the
+        # outcome is remembered by the region's content (it is deterministic in it).
+        key = (self.name, region_content(nodes, x, y, residuals))
+        outcome = ctx.shared.get(key)
+        if outcome is None:
+            try:
+                sub = Submodel(g.graph, nodes, x, y, kinds, zeros=[r for r, _ in residuals])
+                outcome = _recover(sub, c_in, hw_in, strides, c_out, receptive_field(g, nodes, x, y),
+                                   channel_by_channel(g, nodes))
+            except Decline as exc:
+                outcome = str(exc)
+            ctx.shared[key] = outcome
+        if isinstance(outcome, str):
+            raise Decline(f"{where}: {outcome}")
+        fused = outcome
         fused_flops = conv_flops(fused, hw_out) + len(residuals) * elementwise_flops("Add", c_out * hw_out[0] * hw_out[1])
         if fused_flops > region_flops and not ctx.allow_growth:
             raise Decline(f"{where}: one conv would cost {fused_flops} FLOPs, the region {region_flops}")
@@ -170,6 +181,30 @@ class CollapseAffineRegion(Rule):
         return Rewrite(self.name, m.anchor.name, tuple(n.name for n in m.nodes), tuple(created),
                        f"{len(m.nodes)} nodes ({', '.join(ops)}) -> conv{kh}x{kw} group {m.fused.group}{aside}",
                        flops=(m.region_flops, m.fused_flops))
+
+
+def region_content(nodes, x, y, residuals) -> tuple:
+    """Everything a region's probing outcome depends on: per node (in name order) its op,
+    attributes and the names of what it reads and writes, every constant it reads by dtype,
+    shape and a digest of its bytes, and the shapes of the input, the output and the residuals."""
+    def value_key(v):
+        if isinstance(v, gs.Tensor):
+            v = v.values if isinstance(v, gs.Constant) else v.name
+        if isinstance(v, np.ndarray):
+            return ("array", str(v.dtype), v.shape, hashlib.blake2b(np.ascontiguousarray(v).tobytes(), digest_size=16).digest())
+        if isinstance(v, gs.Graph):
+            return ("graph", id(v))  # never equal across builds: such a region is probed again
+        if isinstance(v, (list, tuple)):
+            return tuple(value_key(e) for e in v)
+        return repr(v)
+
+    parts = []
+    for n in sorted(nodes, key=lambda n: n.name):
+        ins = tuple((t.name, value_key(t) if isinstance(t, gs.Constant) else None) for t in n.inputs)
+        attrs = tuple(sorted((k, value_key(v)) for k, v in n.attrs.items()))
+        parts.append((n.name, n.op, attrs, ins, tuple(t.name for t in n.outputs)))
+    shapes = tuple((t.name, repr(t.shape), str(t.dtype)) for t in [x, y] + [r for r, _ in residuals])
+    return tuple(parts), shapes, tuple(sign for _, sign in residuals)
 
 
 def without_scalar_head(nodes, kinds) -> list:

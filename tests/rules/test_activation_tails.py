@@ -90,3 +90,52 @@ def test_scalar_head_read_by_the_block_twice_is_kept_inside(op, k):
     assert report.verification.ok
     assert ops(out)["Conv"] == 1 and ops(out)[op] == 0, ops(out)
     assert_same_outputs(model, out)
+
+
+def test_region_probing_is_reused_across_replays_by_content(monkeypatch):
+    """Locating a failing rewrite replays the rules; the fallback's probing outcome is kept by the
+    region's content, so a replay does not probe the same region again, and a region whose
+    weights differ is probed afresh."""
+    from onnxrep.graph import RepGraph
+    from onnxrep.normalize import import_graph, normalize
+    from onnxrep.passes import Context, run_to_fixpoint
+    from onnxrep.rules import affine_region, select_rules
+
+    calls = []
+    real = affine_region._recover
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(affine_region, "_recover", counting)
+    rules = select_rules(["collapse_affine_region"], None, None)
+    shared = {}
+
+    def build(model):
+        g = normalize(import_graph(model))
+        return run_to_fixpoint(Context(RepGraph(g), shared=shared), rules)
+
+    first = build(repmixer_after_gelu())
+    probed = len(calls)
+    assert probed >= 1 and first.rewrites
+    again = build(repmixer_after_gelu())
+    assert len(calls) == probed  # the same region: remembered
+    assert [r.created for r in again.rewrites] == [r.created for r in first.rewrites]
+    other = repmixer_after_gelu(scale=0.75)  # other layer-scale values, same names
+    build(other)
+    assert len(calls) > probed
+
+
+def test_region_content_differs_when_a_weight_differs():
+    from onnxrep.normalize import import_graph, normalize
+    from onnxrep.rules.affine_region import region_content
+
+    def content(model):
+        g = normalize(import_graph(model))
+        nodes = [n for n in g.nodes if n.op in ("Conv", "Add", "Sub", "Mul", "BatchNormalization")]
+        x = g.inputs[0]
+        return region_content(nodes, x, g.outputs[0], [])
+
+    assert content(repmixer_after_gelu()) == content(repmixer_after_gelu())
+    assert content(repmixer_after_gelu()) != content(repmixer_after_gelu(scale=0.75))
