@@ -389,13 +389,22 @@ def _keep_declared_output_dims(model: onnx.ModelProto, original: onnx.ModelProto
 def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:
     """Concrete shapes of the graph's activations at the resolved input shapes, for counting.
 
-    Symbolic dims are resolved from the input shapes. Tensors inference could not size (an
-    Expand to a shape read through Shape under a dynamic batch, which inference cannot follow
-    through Max) get the sizes inference gives a copy of the graph whose inputs have the
-    resolved shapes and whose shape computations are folded into constants.
+    Cheapest first, each step only while some activation is still unsized:
+    1. symbolic dims resolved from the input shapes;
+    2. shape inference again with the inputs at their concrete sizes (symbols that inference
+       invented, such as a Resize's output batch 'unk__0', are not the inputs' symbols);
+    3. inference on a copy whose shape computations are folded into constants (an Expand to a
+       shape read through Shape and Max under a dynamic batch, which inference cannot follow).
     """
     out = _symbolic_resolved(graph, model, input_shapes)
-    unsized = [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in out]
+    if not _unsized(graph, out):
+        return out
+    inferred = _infer_light(graph, input_shapes)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) if inferred else []:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if vi.name not in out and vi.type.tensor_type.HasField("shape") and None not in dims:
+            out[vi.name] = dims
+    unsized = _unsized(graph, out)
     if not unsized:
         return out
     try:
@@ -420,6 +429,10 @@ def tensor_shapes(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[st
     return out
 
 
+def _unsized(graph: gs.Graph, sized: Dict[str, List[int]]) -> List[str]:
+    return [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in sized]
+
+
 def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Dict[str, List[int]]) -> Dict[str, List[int]]:
     symbols: Dict[str, int] = {}
     for inp in model.graph.input:
@@ -427,7 +440,6 @@ def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Di
             if d.dim_param:
                 symbols[d.dim_param] = v
     out: Dict[str, List[int]] = {}
-    unresolved = False
     for name, t in graph.tensors().items():
         shape = getattr(t, "shape", None)
         if shape is None or isinstance(t, gs.Constant):
@@ -435,16 +447,6 @@ def _symbolic_resolved(graph: gs.Graph, model: onnx.ModelProto, input_shapes: Di
         dims = [d if isinstance(d, int) else symbols.get(d) for d in shape]
         if all(isinstance(d, int) for d in dims):
             out[name] = dims
-        else:
-            unresolved = True
-    if unresolved:
-        # Symbols inference invented (a Resize's output batch becomes a new 'unk__0') are not
-        # the inputs' symbols: infer again with the inputs at their concrete sizes.
-        inferred = _infer_light(graph, input_shapes)
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output) if inferred else []:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            if vi.name not in out and vi.type.tensor_type.HasField("shape") and None not in dims:
-                out[vi.name] = dims
     return out
 
 
