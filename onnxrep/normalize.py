@@ -163,11 +163,14 @@ def infer_shapes(graph: gs.Graph) -> None:
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         t = tensors.get(vi.name)
         ttype = vi.type.tensor_type
-        if not isinstance(t, gs.Variable) or not ttype.HasField("shape"):
+        if not isinstance(t, gs.Variable):
             continue
-        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        # the dtype counts even where the shape is unknown (a Reshape to a computed shape):
+        # CastLike folds on it
         if t.dtype is None and ttype.elem_type:
             t.dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if ttype.HasField("shape"):
+            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
 
 
 def _infer_light(graph: gs.Graph, input_shapes: Optional[Dict[str, List[int]]] = None) -> Optional[onnx.ModelProto]:

@@ -25,6 +25,25 @@ def test_dynamo_noopt_zero_bias_chain_folds_to_a_constant():
     assert _normalized_ops(model) == {"Conv": 1}
 
 
+def test_castlike_like_an_activation_of_unknown_shape_folds_and_the_affine_reaches_the_conv():
+    # dynamo optimize=False: GroupNorm's affine as t = x * CastLike(g', x); t + CastLike(b, t),
+    # where g' is computed from the weight by ops inference cannot size before folding, so t
+    # has a dtype but no shape: the dtype alone decides the cast
+    b = GraphBuilder(["N", 4, 6, 6])
+    x = b.node("Relu", [b.x])
+    axes = b.node("Cast", [b.node("Cast", [b.const(np.array([0], np.int64))], to=1)], to=7)
+    g = b.node("Squeeze", [b.const(b.rand(1, 4, 1, 1)), axes])  # rank unknown until folded
+    scaled = b.node("Mul", [x, b.node("CastLike", [g, x])])
+    shifted = b.node("Add", [scaled, b.node("CastLike", [b.const(b.rand(4, 1, 1)), scaled])])
+    y = b.conv(shifted, 4, 6, k=1)
+    model = b.build(y, opset=18, output_shape=["N", 6, 6, 6])
+    graph = normalize(import_graph(model))
+    assert [n.op for n in graph.nodes].count("CastLike") == 0
+    out, _ = onnxrep.optimize(model)
+    assert ops(out) == {"Relu": 1, "Conv": 1}
+    assert_same_outputs(model, out)
+
+
 def test_kernel_computed_from_parameters_is_folded():
     # OREPA-style: W = w0 * a + Pad(w1x1) + einsum(A, B), computed in the graph
     b = GraphBuilder([1, 3, 6, 6])
