@@ -208,6 +208,30 @@ def diagonal_conv(scale, shift, group: int, ndim: int = 2) -> ConvParams:
     return ConvParams(weight=w, bias=shift, group=group)
 
 
+def channel_affine_of(p: ConvParams) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(scale, shift) when the conv is y[c] = x[c] * scale[c] + shift[c] (the inverse of
+    :func:`diagonal_conv`), else None.
+
+    That is a 1x1 window (every spatial axis), stride 1, no pads, as many outputs as inputs and
+    each output reading only its own input channel: a depthwise 1x1 conv, or any grouping whose
+    dense matrix is diagonal. Dilations do not matter on a 1x1 window.
+    """
+    w = np.asarray(p.weight)
+    if any(k != 1 for k in w.shape[2:]) or any(s != 1 for s in p.strides) or any(p.pads):
+        return None
+    c = w.shape[0]
+    if w.shape[1] * p.group != c:
+        return None
+    bias = np.asarray(p.bias).reshape(c).copy()
+    if p.group == c:  # depthwise: the weights are the scales
+        return w.reshape(c).copy(), bias
+    dense = densify_groups(p).weight.reshape(c, c)
+    scale = np.diagonal(dense).copy()
+    if np.count_nonzero(dense - np.diag(scale)):
+        return None
+    return scale, bias
+
+
 # --------------------------------------------------------------------------------------
 # Parallel branches (docs/rules.md §4)
 # --------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ What the manager guarantees for every rule (docs/architecture.md):
 A pass visits every live node once, in order, and gives it to the enabled rules anchored on its
 op type; the first rule that matches rewrites it. Passes repeat until one changes nothing; then
 the late rules get a pass each, one rule at a time in their order (any change goes back to the
-early rules), so that no late rule pre-empts an earlier one's rewrite. The graph is only mutated between matches, never while one is in
-progress. Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that
+early rules), so that no late rule pre-empts an earlier one's rewrite. Last, the final rules
+get one pass each: they lower what the others leave into its cheapest spelling (a depthwise 1x1
+Conv into Mul/Add), a form the others would fold back, so nothing runs after them. The graph
+is only mutated between matches, never while one is in progress. Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that
 many rewrites) and ``deny`` (skip those rewrite keys): that is how a verification failure is
 traced to one rewrite and rolled back.
 """
@@ -114,6 +116,10 @@ class Rule:
     #: Late rules (horizontal merging, the affine-region fallback) only run once the other
     #: rules have reached their fixpoint, so they never pre-empt a more specific rewrite.
     late: bool = False
+    #: Final rules run once each, after every other rule has converged, and nothing runs
+    #: after them: they lower the result into the form the runtime runs fastest, which the
+    #: other rules would otherwise fold back.
+    final: bool = False
     #: Off by default (``enable`` / ``--enable`` or ``only`` turn it on): a rewrite whose benefit
     #: depends on the runtime (e.g. one conv + Split is slower than separate convs on one CPU thread).
     default: bool = True
@@ -166,62 +172,78 @@ def run_to_fixpoint(
     limit: Optional[int] = None,
     max_passes: int = 100,
 ) -> PassResult:
-    by_op: Dict[str, List[Rule]] = {}
-    for rule in rules:
-        for op in rule.ops:
-            by_op.setdefault(op, []).append(rule)
-
     result = PassResult()
     declined: Dict[Tuple[str, str], str] = {}
     graph = ctx.graph
-    late = [r for r in rules if r.late]
+    main = [r for r in rules if not r.final]
+    late = [r for r in main if r.late]
     # stage None: the early rules only; stage i: the early rules and late rule i. Late rules take
     # turns in their order, each only once the early ones and the late ones before it change
     # nothing, so that one never pre-empts another's rewrite (horizontal merging splitting the
     # convs a region would have collapsed). Any change goes back to the early rules.
     changed, stage = True, None
-    while result.passes < max_passes:
-        if not changed:
-            stage = 0 if stage is None else stage + 1
-            if stage >= len(late):
-                break
-        else:
-            stage = None
-        changed = False
-        result.passes += 1
-        for node in list(graph.graph.nodes):
-            if not node.outputs:  # removed earlier in this pass
-                continue
-            for rule in by_op.get(node.op, ()):
-                if rule.late and (stage is None or rule is not late[stage]):
-                    continue
-                key = (rule.name, node.name)
-                m = try_match(ctx, rule, node)
-                if m is None:
-                    continue
-                if isinstance(m, str):
-                    declined[key] = m
-                    continue
-                if key in deny:
-                    declined[key] = "rolled back: this rewrite failed verification"
-                    continue
-                if limit is not None and len(result.rewrites) >= limit:
-                    graph.compact()
-                    result.declines = _live_declines(graph, declined)
-                    return result
-                done = try_rewrite(ctx, rule, m)
-                if isinstance(done, str):
-                    declined[key] = done
-                    continue
-                result.rewrites.append(done)
-                if ctx.on_rewrite is not None:
-                    ctx.on_rewrite(len(result.rewrites))
-                declined.pop(key, None)
-                changed = True
-                break
-        graph.compact()
+    try:
+        while result.passes < max_passes:
+            if not changed:
+                stage = 0 if stage is None else stage + 1
+                if stage >= len(late):
+                    break
+            else:
+                stage = None
+            active = [r for r in main if not r.late or (stage is not None and r is late[stage])]
+            changed = _one_pass(ctx, active, deny, limit, result, declined)
+        for rule in rules:
+            if rule.final:
+                _one_pass(ctx, [rule], deny, limit, result, declined)
+    except _LimitReached:
+        pass
+    graph.compact()
     result.declines = _live_declines(graph, declined)
     return result
+
+
+class _LimitReached(Exception):
+    """The replay limit of rewrites is reached: the run stops where it is."""
+
+
+def _one_pass(ctx: Context, rules: Sequence[Rule], deny: FrozenSet[RewriteKey], limit: Optional[int],
+              result: PassResult, declined: Dict[Tuple[str, str], str]) -> bool:
+    """Visit every live node once with ``rules``; whether anything was rewritten."""
+    by_op: Dict[str, List[Rule]] = {}
+    for rule in rules:
+        for op in rule.ops:
+            by_op.setdefault(op, []).append(rule)
+    graph = ctx.graph
+    changed = False
+    result.passes += 1
+    for node in list(graph.graph.nodes):
+        if not node.outputs:  # removed earlier in this pass
+            continue
+        for rule in by_op.get(node.op, ()):
+            key = (rule.name, node.name)
+            m = try_match(ctx, rule, node)
+            if m is None:
+                continue
+            if isinstance(m, str):
+                declined[key] = m
+                continue
+            if key in deny:
+                declined[key] = "rolled back: this rewrite failed verification"
+                continue
+            if limit is not None and len(result.rewrites) >= limit:
+                raise _LimitReached
+            done = try_rewrite(ctx, rule, m)
+            if isinstance(done, str):
+                declined[key] = done
+                continue
+            result.rewrites.append(done)
+            if ctx.on_rewrite is not None:
+                ctx.on_rewrite(len(result.rewrites))
+            declined.pop(key, None)
+            changed = True
+            break
+    graph.compact()
+    return changed
 
 
 def _live_declines(graph: RepGraph, declined: Dict[Tuple[str, str], str]) -> List[Declined]:

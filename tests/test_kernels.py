@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import conv2d_ref, conv_params_ref, run
+from helpers import conv2d_ref, conv_params_ref, convnd_params_ref, run
 from onnxrep.kernels import (
     ConvParams,
     Decline,
@@ -22,6 +22,7 @@ from onnxrep.kernels import (
     bn_affine,
     conv_macs,
     dense_kernel,
+    channel_affine_of,
     diagonal_conv,
     merge_parallel,
     pad_into_conv,
@@ -269,6 +270,40 @@ def test_diagonal_conv_per_channel_affine(group):
     scale, shift = rng.standard_normal(6), rng.standard_normal(6)
     y = conv_params_ref(x, diagonal_conv(scale, shift, group))
     np.testing.assert_allclose(y, x * scale[:, None, None] + shift[:, None, None], **TIGHT)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("group", [1, 2, 6])
+def test_channel_affine_of_inverts_the_conv(ndim, group):
+    """A diagonal 1x1 conv (depthwise, block-diagonal or dense) read back as x * scale + shift,
+    checked against the direct convolution of the conv itself (dilation is irrelevant at 1x1)."""
+    rng = rng_for("affine_of", ndim * 10 + group)
+    scale, shift = rng.standard_normal(6), rng.standard_normal(6)
+    p = replace(diagonal_conv(scale, shift, group, ndim), dilations=(2,) * ndim)
+    x = rng.standard_normal((2, 6) + (5, 4, 3)[:ndim])
+    got = channel_affine_of(p)
+    assert got is not None
+    s, t = (v.reshape((1, 6) + (1,) * ndim) for v in got)
+    np.testing.assert_allclose(x * s + t, convnd_params_ref(x, p), **TIGHT)
+
+
+@pytest.mark.parametrize("change", ["mixes channels", "stride", "pads", "3x1 window", "fewer outputs"])
+def test_channel_affine_of_declines_what_is_not_per_channel(change):
+    rng = rng_for("affine_of_no", len(change))
+    p = diagonal_conv(rng.standard_normal(4), rng.standard_normal(4), group=1)
+    if change == "mixes channels":
+        w = p.weight.copy()
+        w[0, 1, 0, 0] = 1e-30  # any off-diagonal tap, however small
+        p = replace(p, weight=w)
+    elif change == "stride":
+        p = replace(p, strides=(1, 2))
+    elif change == "pads":
+        p = replace(p, pads=(0, 1, 0, 0))
+    elif change == "3x1 window":
+        p = replace(p, weight=np.pad(p.weight, [(0, 0), (0, 0), (1, 1), (0, 0)]))
+    else:
+        p = replace(p, weight=p.weight[:3], bias=p.bias[:3])
+    assert channel_affine_of(p) is None
 
 
 @pytest.mark.parametrize("channels, group", [(6, 4), (5, 2), (3, 6)])

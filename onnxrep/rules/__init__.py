@@ -17,6 +17,7 @@ from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
 from .gelu import CanonicalizeGelu
 from .layout import PropagateTransposes
+from .lower import LowerChannelAffineConv
 from .matmul_bn import FoldBnThroughReshape
 from .pad_conv import FoldPadIntoConv
 from .parallel_add import MergeParallelAdd
@@ -38,6 +39,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     CanonicalizeGelu(),
     CollapseAffineRegion(),  # late: before horizontal merging, which would split its convs
     MergeHorizontalConvs(),
+    LowerChannelAffineConv(),  # final: once every other rule has converged
 )
 
 RULES_BY_NAME: Dict[str, Rule] = {rule.name: rule for rule in DEFAULT_RULES}
