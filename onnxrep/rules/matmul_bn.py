@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from ..errors import Decline
 from ..graph import const_value, producer, static_shape
@@ -46,15 +47,44 @@ class ReshapedBnMatch(Match):
 
 
 def _keeps_last_axis(reshape, rank_in: int, features: int) -> bool:
-    """Whether ``reshape`` maps [..., features] to [M, features] merging the leading axes."""
+    """Whether ``reshape`` maps [..., features] to [M, features] merging the leading axes.
+
+    A Reshape target of two entries whose last is the literal ``features`` does: element
+    (i, d) of the result is element i * features + d of the input, whose last index is d, for
+    any M. M may be computed at run time (dynamo's optimize=False export multiplies the batch
+    read through Shape): only the last entry and the count are read, from the constant that
+    ends the target (a constant, or the last input of its Concat on axis 0).
+    """
     if reshape.op == "Flatten":
         return int(reshape.attrs.get("axis", 1)) % rank_in == rank_in - 1
-    shape = const_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-    if shape is None or shape.size != 2:
+    if len(reshape.inputs) < 2:
         return False
-    first, last = (int(v) for v in shape.reshape(-1))
-    # allowzero (which the dynamo exporter sets) only changes what a 0 entry means; none is allowed
-    return last == features and first != 0
+    target = reshape.inputs[1]
+    if static_shape(target) != [2]:
+        return False
+    # allowzero (which the dynamo exporter sets) only changes what a 0 entry means; the last
+    # entry is a positive literal, so neither meaning of 0 applies to it
+    return _last_entry(target) == features
+
+
+def _last_entry(t, depth: int = 0):
+    """The last element of a 1-D shape tensor when a constant gives it, else None."""
+    value = const_value(t)
+    if value is not None:
+        return int(value.reshape(-1)[-1]) if value.ndim == 1 and value.size and value.dtype.kind in "iu" else None
+    node = producer(t)
+    if node is None or depth > 8:
+        return None
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1) and node.inputs:
+        return _last_entry(node.inputs[-1], depth + 1)
+    if node.op in ("Identity", "Cast") and node.inputs:
+        return _last_entry(node.inputs[0], depth + 1) if node.op == "Identity" or _to_int(node) else None
+    return None
+
+
+def _to_int(cast) -> bool:
+    to = int(cast.attrs.get("to", 0))
+    return to in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 class FoldBnThroughReshape(Rule):

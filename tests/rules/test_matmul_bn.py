@@ -65,3 +65,48 @@ def test_a_reader_of_the_matmul_value_keeps_the_bn():
     out, report = onnxrep.optimize(model, only=RULE)
     assert ops(out) == ops(model)
     assert any("also used by" in d.reason for d in report.declines)
+
+
+def linear_bn_runtime_rows(tail_computed: bool = False):
+    """dynamo optimize=False's LinearBatchNorm: the rows of the Reshape target are computed at run
+    time from the batch (Concat(Reshape(Mul(N, 5)), [6])); only the last entry is a constant."""
+    b = GraphBuilder(["N", 5, 4])
+    z = b.node("MatMul", [b.x, b.const(b.rand(4, 6))])
+    batch = b.node("Squeeze", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([0], np.int64))])
+    rows = b.node("Reshape", [b.node("Mul", [batch, b.const(np.array(5, np.int64))]), b.const(np.array([1], np.int64))])
+    tail = b.const(np.array([6], np.int64))
+    if tail_computed:  # the last entry read from the MatMul's own shape: not a literal
+        tail = b.node("Shape", [z], start=2, end=3)
+    target = b.node("Concat", [rows, tail], axis=0)
+    y = b.bn(b.node("Reshape", [z, target], allowzero=0), 6)
+    back = b.node("Concat", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([5, 6], np.int64))], axis=0)
+    return b.build(b.node("Reshape", [y, back]), output_shape=["N", 5, 6])
+
+
+def test_reshape_with_rows_computed_at_run_time_folds():
+    model = linear_bn_runtime_rows()
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert "BatchNormalization" not in ops(out)
+    assert ops(out)["MatMul"] == 1 and ops(out)["Add"] == 1
+    for batch in (1, 3):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 5, 4)).astype(np.float32)}
+        assert_equal_per_channel(model, out, feeds)
+
+
+def test_reshape_whose_last_entry_is_not_a_literal_stays():
+    # the same target with its last entry read from a shape: nothing says it equals the features
+    model = linear_bn_runtime_rows(tail_computed=True)
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out)["BatchNormalization"] == 1
+
+
+def test_reshape_to_other_features_at_run_time_stays():
+    # rows computed at run time, last entry 3: [N*5, 6] -> [N*10, 3] moves the feature axis
+    b = GraphBuilder(["N", 5, 4])
+    z = b.node("MatMul", [b.x, b.const(b.rand(4, 6))])
+    batch = b.node("Squeeze", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([0], np.int64))])
+    rows = b.node("Reshape", [b.node("Mul", [batch, b.const(np.array(10, np.int64))]), b.const(np.array([1], np.int64))])
+    y = b.bn(b.node("Reshape", [z, b.node("Concat", [rows, b.const(np.array([3], np.int64))], axis=0)]), 3)
+    model = b.build(b.node("Relu", [y]), output_shape=["M", 3])
+    out, report = onnxrep.optimize(model, only=RULE)
+    assert ops(out)["BatchNormalization"] == 1
