@@ -42,9 +42,8 @@ deploy reference, whose operator counts the manifest records (``deploy_ops``). E
 export is run in onnxruntime against the deploy reference on the same input; the script exits
 non-zero when an output differs by more than 1e-4 of its scale.
 
-Models (or dialects) onnxrep does not bring to their deploy form (mmpretrain's RepMLP, LeViT's
-dynamo optimize=False export; the reasons are in ``gaps`` below) are exported only with
-``--gaps`` and never enter the manifest.
+Models (or dialects) onnxrep does not bring to their deploy form (mmpretrain's RepMLP; the
+reason is in ``gaps`` below) are exported only with ``--gaps`` and never enter the manifest.
 """
 
 from __future__ import annotations
@@ -241,9 +240,6 @@ def mmpretrain_models():
                  layer_scale_init_value=1.0), out_indices=(6,)),
          "RIFormer-S12 structure at embed dims (8, 16, 24, 32), one block per stage, layer scale 1: "
          "GroupNorm then the affine token mixer (x*w + b - x)"),
-        # (onnxrep folds GroupNorm's affine, the token mixer and the layer scale into one
-        # depthwise 1x1 Conv per block where switch_to_deploy() keeps GroupNorm's Mul/Add: the
-        # Conv count stays above the reference, the other counts reach it)
         ("levit_128s", "levit", lambda: bb.LeViT(levit_arch("zoo"), img_size=64, out_indices=(2,)),
          "LeViT-128S structure at embed dims (16, 24, 32), 2 heads, key dim 8, one block per stage: "
          "Conv+BN stem, Linear+BatchNorm1d everywhere"),
@@ -253,17 +249,15 @@ def mmpretrain_models():
          "RepMLPNet-B structure at channels (8, 16, 24, 32), one block per stage, sharesets (1, 2, 4, 8): "
          "locality injection (BN(3x3) conv beside the partitioned FC)"),
     ]
-    compare = {"riformer_s12": ["BatchNormalization", "Add", "Mul", "Sub"]}
-    notes = {"riformer_s12": "; onnxrep writes GroupNorm's affine, the token mixer and the layer scale as one "
-             "depthwise 1x1 Conv per block where the package keeps GroupNorm's Mul/Add, so Conv is not compared"}
+    compare = {}
+    notes = {}
     # a reason for the whole model, or per exporter
     gaps = {
-        "levit_128s": {"dynamo_noopt": "from the second stage on, the Reshape before BatchNormalization gets its "
-                                       "target from Shape at run time, so fold_bn_through_reshape does not match"},
         "repmlp": "RepMLP's locality injection (BN(conv) branches beside the partitioned FC) is not merged: the "
                   "partition reshapes move image blocks into the batch axis",
     }
-    batch1 = {"levit_128s": {"dynamo": "torch.export specializes the batch to 1 (a Reshape to [1, 16, 16])"}}
+    batch1 = {"levit_128s": {exporter: "torch.export specializes the batch to 1 (a Reshape to [1, 16, 16]; the "
+                                       "input still declares a dynamic batch)" for exporter in ("dynamo", "dynamo_noopt")}}
     for name, family, make, desc in specs:
         size = 32 if name == "repmlp" else 64  # RepMLP's FC weights grow with the feature map's area squared
         yield dict(name=name, framework=fw, family=family, make=make, deploy=deploy, wrap=Outputs,
