@@ -593,3 +593,84 @@ def test_scalar_intermediate_tensor_is_compared_in_a_candidate():
     optimized, report = onnxrep.optimize(model)
     assert report.verification.ok
     assert ops(optimized)["BatchNormalization"] == 0
+
+
+# ---- the original's own rounding noise (docs/verification.md, "Rounding noise") ----------
+
+
+def cancelling_model():
+    """y = (x + 1e4) - 1e4: the original rounds x to float32's grid at 1e4 (steps of 1e-3), so
+    the exact candidate y = x differs from it by up to ~5e-4, more than 1e-4 of max|y| ~ 4."""
+    b = GraphBuilder([1, 3, 8, 8])
+    big = b.const(np.full((3, 1, 1), 1e4, np.float32))
+    return b.build(b.node("Sub", [b.node("Add", [b.x, big]), big]))
+
+
+def candidate_of(reference, scale=None):
+    """y = x (exactly what the reference means), or y = x * scale per channel."""
+    b = GraphBuilder([1, 3, 8, 8])
+    y = b.node("Mul", [b.x, b.const(np.ones((3, 1, 1), np.float32) if scale is None else
+                                    np.asarray(scale, np.float32).reshape(3, 1, 1))])
+    model = b.build(y)
+    model.graph.output[0].name = reference.graph.output[0].name
+    model.graph.node[-1].output[0] = reference.graph.output[0].name
+    return model
+
+
+def test_a_difference_within_the_originals_own_rounding_noise_passes():
+    reference = cancelling_model()
+    assert not verify(reference, candidate_of(reference), atol=1e-6).ok  # beyond the plain criterion
+    result = verify(reference, candidate_of(reference))
+    assert result.ok, result.describe()
+    assert any("rounding noise" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("scale", [[1.01, 1, 1], [1, 1, 1.002]])
+def test_a_real_error_in_a_noisy_original_is_still_caught(scale):
+    # the noise floor there is ~2.4e-3 (1e4 * 2^-22), capped at 1e-3 of the channel's magnitude
+    reference = cancelling_model()
+    result = verify(reference, candidate_of(reference, scale))
+    assert not result.ok
+    assert result.outputs[0].channel == int(np.argmax(np.abs(np.array(scale) - 1)))
+
+
+def test_the_noise_of_a_well_conditioned_original_hides_no_error():
+    # a wrong candidate of a plain conv: the noise measured there is ~1e-7 and changes nothing
+    b = GraphBuilder([1, 3, 6, 6])
+    reference = b.build(b.conv(b.x, 3, 4))
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(reference)
+    w = numpy_helper.to_array(wrong.graph.initializer[0]).copy()
+    w[1] *= 1.001
+    wrong.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, wrong.graph.initializer[0].name))
+    result = verify(reference, wrong)
+    assert not result.ok and result.outputs[0].channel == 1
+
+
+def test_the_noise_allowance_is_capped_relative_to_the_channel():
+    ref = np.ones((1, 2, 3, 3), np.float32)
+    y = ref.copy()
+    y[0, 1] += 5e-3
+    huge = np.array([1e9, 1e9])
+    assert not compare(y, ref, 1e-4, 1e-6, noise=huge).ok  # cap: 1e-4 * (1 + 10) + 1e-6
+    y[0, 1] = 1 + 1e-3
+    assert compare(y, ref, 1e-4, 1e-6, noise=huge).ok
+    assert not compare(y, ref, 1e-4, 1e-6, noise=np.zeros(2)).ok
+
+
+def test_perturbed_original_keeps_names_and_moves_values_by_the_amplitude():
+    from onnxrep.verify import _tensor_types, perturbed
+    reference = cancelling_model()
+    before = reference.SerializeToString()
+    model = perturbed(reference, _tensor_types(reference, static_shapes(reference)), 2.0 ** -10, seed=0)
+    assert reference.SerializeToString() == before
+    assert [o.name for o in model.graph.output] == [o.name for o in reference.graph.output]
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (y_ref,), (y,) = run(reference, {"x": x}), run(model, {"x": x})
+    assert 0 < np.abs(y - y_ref).max() <= 2 * 2.0 ** -10 * 1e4 * 1.01
+
+
+def test_atol_given_by_the_user_leaves_the_noise_unmeasured():
+    reference = cancelling_model()
+    result = verify(reference, candidate_of(reference), atol=1e-6)
+    assert not result.ok and not any("rounding noise" in note for note in result.notes)
