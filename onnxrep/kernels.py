@@ -388,6 +388,45 @@ def pad_into_conv(p: ConvParams, *pads: int) -> ConvParams:
 
 
 # --------------------------------------------------------------------------------------
+# A conv on a small image as the matrix of an FC (docs/rules.md §13)
+# --------------------------------------------------------------------------------------
+
+
+def conv_patch_blocks(p: ConvParams, size: Sequence[int]) -> np.ndarray:
+    """The conv, applied to images of spatial ``size`` with its output the same size, as one
+    matrix per group: blocks[g] maps the flattened (channel, position) values of group g's
+    inputs to those of its outputs, y_flat = blocks[g] @ x_flat (+ the bias per channel).
+
+    Found by convolving the unit impulses of one group's input (zero padding, as Conv pads), so
+    it is exact for any kernel, dilation and pads. Shape [G, (Cout/G) * P, (Cin/G) * P], P the
+    number of positions. Declines a stride or pads that change the size.
+    """
+    size = tuple(int(v) for v in size)
+    n = p.ndim
+    if len(size) != n:
+        raise Decline(f"a {n}-D conv on a {len(size)}-D image")
+    k = p.kernel_shape
+    for a in range(n):
+        if p.strides[a] != 1 or p.pads[a] + p.pads[n + a] != p.dilations[a] * (k[a] - 1):
+            raise Decline("the conv changes the image size (stride, or pads other than 'same')")
+    g = p.group
+    w = np.asarray(p.weight, np.float64)
+    cout_g, cin_g = w.shape[0] // g, w.shape[1]
+    npos = math.prod(size)
+    # impulses: [cin_g * P, cin_g, *size], one per (input channel, position)
+    eye = np.eye(cin_g * npos).reshape((cin_g * npos, cin_g) + size)
+    padded = np.pad(eye, [(0, 0), (0, 0)] + [(p.pads[a], p.pads[n + a]) for a in range(n)])
+    wg = w.reshape((g, cout_g, cin_g) + tuple(k))
+    out = np.zeros((g, cin_g * npos, cout_g) + size)
+    for tap in np.ndindex(*k):
+        window = tuple(slice(t * d, t * d + s) for t, d, s in zip(tap, p.dilations, size))
+        x = padded[(slice(None), slice(None)) + window]  # [impulse, i, *size]
+        out += np.einsum("goi,ni...->gno...", wg[(slice(None), slice(None), slice(None)) + tap], x)
+    # out[g, impulse (i, p_in), o, p_out] -> blocks[g, (o, p_out), (i, p_in)]
+    return out.reshape(g, cin_g * npos, cout_g * npos).transpose(0, 2, 1).copy()
+
+
+# --------------------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from onnxrep.kernels import (
     common_window,
     compose_sequential,
     concat_parallel,
+    conv_patch_blocks,
     conv_macs,
     dense_kernel,
     densify_groups,
@@ -537,3 +538,32 @@ def test_compose_sequential_is_exact_or_declines(pair):
         if min(y1.shape[2:]) < max(p2.extent):
             continue
         np.testing.assert_allclose(convnd_params_ref(x, fused), convnd_params_ref(y1, p2), **TIGHT)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("group, cin, cout", [(1, 2, 3), (2, 4, 4), (4, 4, 4)])
+def test_conv_patch_blocks_equal_the_conv_on_that_image(ndim, group, cin, cout):
+    """Each group's block, applied to the flattened (channel, position) values, is the conv of
+    the image (zero padding, dilation, kernels longer than the image included)."""
+    rng = np.random.default_rng(zlib.crc32(f"patch{ndim}{group}{cin}".encode()))
+    size = (5, 3, 2)[:ndim]
+    k = (3, 5, 1)[:ndim]
+    dil = (2, 1, 1)[:ndim]
+    pads = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k)) * 2
+    p = ConvParams(rng.standard_normal((cout, cin // group) + k), np.zeros(cout), pads=pads, dilations=dil, group=group)
+    x = rng.standard_normal((2, cin) + size)
+    y = convnd_params_ref(x, p)
+    blocks = conv_patch_blocks(p, size)
+    npos = int(np.prod(size))
+    assert blocks.shape == (group, cout // group * npos, cin // group * npos)
+    xg = x.reshape(2, group, cin // group * npos)
+    got = np.einsum("gij,ngj->ngi", blocks, xg).reshape(y.shape)
+    np.testing.assert_allclose(got, y, **TIGHT)
+
+
+def test_conv_patch_blocks_decline_a_conv_that_resizes():
+    p = ConvParams(np.ones((2, 2, 3, 3)), np.zeros(2), pads=(0, 0, 0, 0))
+    with pytest.raises(Decline):
+        conv_patch_blocks(p, (4, 4))
+    with pytest.raises(Decline):
+        conv_patch_blocks(replace(p, pads=(1, 1, 1, 1), strides=(2, 1)), (4, 4))

@@ -15,6 +15,7 @@ from .affine_region import CollapseAffineRegion
 from .border_pad import FoldBorderPadIntoConv
 from .concat import MergeHorizontalConvs, MergeParallelConcat
 from .conv_bn import FoldBnIntoConv
+from .fc_view import MergeConvIntoFcView
 from .gelu import CanonicalizeGelu
 from .layout import PropagateTransposes
 from .lower import LowerChannelAffineConv
@@ -34,6 +35,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     FoldAffineIntoConv(),
     FoldAffineIntoNextLayer(),
     MergeParallelAdd(),
+    MergeConvIntoFcView(),
     ComposeSequentialConvs(),
     MergeParallelConcat(),
     CanonicalizeGelu(),

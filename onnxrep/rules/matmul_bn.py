@@ -9,6 +9,11 @@ MatMul's output and BN's per-channel map y = z * s + h folds into W's columns an
 over the last axis (docs/rules.md §1). A reshape that moves the feature axis declines by not
 matching. (Without a reshape, a rank-2 MatMul -> BN is fold_bn_into_conv's.)
 
+The same BN after a Conv whose output is 1x1 in space, reshaped to split its channels
+(RepMLP's FC3: Conv1x1 on [M, S*h*w, 1, 1] -> Reshape([-1, S, h, w]) -> BN(S)), folds too: BN
+channel c covers the conv's output channels c*K .. c*K + K-1 (K = h*w), each element keeps its
+sample, so W'[o] = W[o] * s[o // K] and b'[o] = b[o] * s[o // K] + h[o // K].
+
 ``Shape`` readers of the MatMul's output (TorchScript's ``reshape_as(x)`` that restores the
 leading axes after the BN) read only its shape, which the new MatMul has too: they are re-created
 on it. Any other reader keeps the MatMul's value alive and the match declines.
@@ -23,7 +28,7 @@ import onnx
 
 from ..errors import Decline
 from ..graph import const_value, producer, static_shape
-from ..kernels import affine_after_matmul
+from ..kernels import affine_after_conv, affine_after_matmul
 from ..passes import Context, Match, Rewrite, Rule
 
 
@@ -87,17 +92,59 @@ def _to_int(cast) -> bool:
     return to in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
+@dataclass
+class SplitChannelsBnMatch(Match):
+    conv: object
+    reshape: object
+    bn: object
+    params: object  # the conv with the BN folded in
+    dtype: object
+
+    @property
+    def removes(self):
+        return [self.conv, self.reshape, self.bn]
+
+    @property
+    def keeps(self):
+        return [self.bn.outputs[0]]
+
+
+def _split_channels(reshape, conv_out, channels: int) -> int:
+    """K when ``reshape`` turns the [M, C*K, 1, .., 1] output of a conv into [M, C, ...] (each
+    sample's C*K values as C channels of K), else 0: a constant target [-1 or M, C, d...] with
+    every d > 0 and C * prod(d) the conv's channels."""
+    if reshape.op != "Reshape" or len(reshape.inputs) < 2:
+        return 0
+    target = const_value(reshape.inputs[1])
+    shape = static_shape(conv_out)
+    if target is None or target.ndim != 1 or target.size < 2 or shape is None or len(shape) < 3:
+        return 0
+    dims = [int(v) for v in target]
+    cout = shape[1]
+    if not isinstance(cout, int) or any(d != 1 for d in shape[2:]) or dims[1] != channels:
+        return 0
+    if any(d <= 0 for d in dims[1:]) or channels * int(np.prod(dims[2:], dtype=np.int64)) != cout:
+        return 0
+    if dims[0] != -1 and not (isinstance(shape[0], int) and dims[0] == shape[0]):
+        return 0
+    return cout // channels
+
+
 class FoldBnThroughReshape(Rule):
     name = "fold_bn_through_reshape"
     ops = ("BatchNormalization",)
-    summary = "MatMul -> Flatten/Reshape keeping the feature axis last -> BatchNormalization -> MatMul + Add"
+    summary = ("MatMul -> Flatten/Reshape keeping the feature axis last (or a 1x1-output Conv -> Reshape "
+               "splitting its channels) -> BatchNormalization -> one layer")
 
     def match(self, ctx: Context, node):
         g = ctx.graph
         reshape = producer(node.inputs[0])
         if reshape is None or reshape.op not in ("Flatten", "Reshape"):
             return None
-        matmul = producer(reshape.inputs[0])
+        layer = producer(reshape.inputs[0])
+        if layer is not None and layer.op == "Conv":
+            return self._match_conv(g, node, reshape, layer)
+        matmul = layer
         if matmul is None or matmul.op != "MatMul":
             return None
         shape = static_shape(matmul.outputs[0])
@@ -114,8 +161,24 @@ class FoldBnThroughReshape(Rule):
         shapes = tuple(c for c in g.consumers(matmul.outputs[0]) if c.op == "Shape" and len(c.outputs) == 1)
         return ReshapedBnMatch(matmul, reshape, node, weight, shift, w.dtype, shapes)
 
-    def rewrite(self, ctx: Context, m: ReshapedBnMatch) -> Rewrite:
+    def _match_conv(self, g, bn, reshape, conv):
+        scale, shift = g.read_batchnorm(bn)
+        k = _split_channels(reshape, conv.outputs[0], len(scale))
+        if not k:
+            return None
+        p = g.read_conv(conv)
+        folded = affine_after_conv(p, np.repeat(scale, k), np.repeat(shift, k))
+        return SplitChannelsBnMatch(conv, reshape, bn, folded, p.weight.dtype)
+
+    def rewrite(self, ctx: Context, m) -> Rewrite:
         g = ctx.graph
+        if isinstance(m, SplitChannelsBnMatch):
+            z = g.variable(f"{m.conv.name}.out", m.conv.outputs[0])
+            created = [g.write_conv(m.conv.name, m.params, m.conv.inputs[0], z, m.dtype),
+                       g.add_node("Reshape", m.reshape.name, [z, *m.reshape.inputs[1:]], [m.bn.outputs[0]],
+                                  dict(m.reshape.attrs))]
+            return Rewrite(self.name, m.bn.name, tuple(n.name for n in m.removes), tuple(n.name for n in created),
+                           "Conv -> Reshape splitting its channels -> BN")
         base = m.matmul.name
         z = g.variable(f"{base}.out", m.matmul.outputs[0])
         created = [g.add_node("MatMul", base, [m.matmul.inputs[0], g.constant(f"{base}.weight", m.weight, m.dtype)], [z])]
