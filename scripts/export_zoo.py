@@ -266,6 +266,12 @@ def ultralytics_models():
         with small_decoder(**RTDETR_DECODER):
             model = RTDETRDetectionModel(rtdetr_cfg("rtdetr-l.yaml", 0.33, 0.125, 128), verbose=False)
         randomize_zero_weights(model.model[-1], torch.Generator().manual_seed(seed_of("rtdetr") + 3))
+        # a dry run at the export size, as ultralytics' exporter does: the decoder caches its anchors for
+        # that size, so the deploy reference (exported first, from a copy) holds them as a constant like
+        # the training exports instead of tracing their generation (Range, meshgrid, Log, Where)
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))
         return model
 
     RTDETR_DECODER = dict(hd=16, nq=10, ndp=2, nh=2, ndl=2, d_ffn=32)  # noqa: N806
