@@ -150,6 +150,79 @@ class YoloRaw(nn.Module):
         raise AssertionError("no head")
 
 
+def rtdetr_cfg(yaml_name: str, depth: float, width: float, max_channels: int, nc: int = 4,
+               heads: int = 2) -> dict:
+    """RT-DETR's yaml at one custom scale (see ultralytics_cfg). The scale reaches only the base
+    modules (Conv, DWConv, RepC3): HGStem and HGBlock take explicit (middle, output) channels and
+    AIFI an explicit feed-forward width and head count, so these are scaled here the way the base
+    modules' channels are (capped at ``max_channels``, times ``width``), with ``heads`` heads."""
+    from ultralytics.utils.ops import make_divisible
+
+    d = ultralytics_cfg(yaml_name, depth, width, max_channels, nc)
+    for layer in d["backbone"] + d["head"]:
+        if layer[2] in ("HGStem", "HGBlock"):
+            for j in (0, 1):
+                layer[3][j] = make_divisible(min(layer[3][j], max_channels) * width, 8)
+        elif layer[2] == "AIFI":
+            layer[3] = [make_divisible(min(layer[3][0], max_channels) * width, 8), heads]
+    return d
+
+
+@contextlib.contextmanager
+def small_decoder(**sizes):
+    """RTDETRDecoder's hidden dim, queries, sampling points, heads, layers and feed-forward width are
+    constructor defaults the yaml does not pass (256, 300, 4, 8, 6, 1024): build it with ``sizes``."""
+    from ultralytics.nn.modules import head
+
+    init = head.RTDETRDecoder.__init__
+
+    def decoder_init(self, nc=80, ch=(512, 1024, 2048), **kwargs):
+        init(self, nc, ch, **{**kwargs, **sizes})
+
+    head.RTDETRDecoder.__init__ = decoder_init
+    try:
+        yield
+    finally:
+        head.RTDETRDecoder.__init__ = init
+
+
+def randomize_zero_weights(model: nn.Module, gen: torch.Generator, std: float = 0.1) -> int:
+    """RT-DETR initializes the last layers of its box heads and its deformable attention's sampling
+    offsets and attention weights to zero (trained from there, they are not): at random init the
+    boxes would be the anchors and the sampling pattern would not depend on the query. Give every
+    all-zero weight matrix small random values instead."""
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                n += 1
+    return n
+
+
+class RtdetrOut(nn.Module):
+    """RT-DETR as exported for inference: backbone, hybrid encoder and the decoder head in eval mode,
+    up to its post-processed detections ``[N, num_queries, 6]`` (cx, cy, w, h, score, class) after
+    the top-k over queries x classes (what ultralytics' own ONNX export returns)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+        self.save = model.save
+
+    def forward(self, x):
+        y = []
+        last = len(self.model) - 1  # (under torch.export, self.model[-1] is not the module iteration yields)
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if m.i == last:
+                return m(x)[0]  # eval: (detections, raw decoder outputs)
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        raise AssertionError("no head")
+
+
 def ultralytics_models():
     import ultralytics
     from ultralytics.nn.tasks import DetectionModel
@@ -187,6 +260,37 @@ def ultralytics_models():
                    description=f"{desc}; {yaml_name} at depth {depth}, width {width} (8-channel layers, 16 in "
                    "the box head), nc 4, reg_max 4; input 64x64; outputs: raw head "
                    "(box distributions, class logits), before DFL decoding; deploy: model.fuse()")
+
+    def rtdetr():
+        from ultralytics.nn.tasks import RTDETRDetectionModel
+
+        with small_decoder(**RTDETR_DECODER):
+            model = RTDETRDetectionModel(rtdetr_cfg("rtdetr-l.yaml", 0.33, 0.125, 128), verbose=False)
+        randomize_zero_weights(model.model[-1], torch.Generator().manual_seed(seed_of("rtdetr") + 3))
+        # a dry run at the export size, as ultralytics' exporter does: the decoder caches its anchors for
+        # that size, so the deploy reference (exported first, from a copy) holds them as a constant like
+        # the training exports instead of tracing their generation (Range, meshgrid, Log, Where)
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))
+        return model
+
+    RTDETR_DECODER = dict(hd=16, nq=10, ndp=2, nh=2, ndl=2, d_ffn=32)  # noqa: N806
+    rtdetr_batch1 = ("torch.export specializes the batch to 1: F.linear on the transposed [Q, N, C] input of the "
+                     "decoder's self-attention (sequence-first nn.MultiheadAttention) guards N == 1, which torch.onnx "
+                     "turns into a static batch (Reshapes to [1, 16, 4]; the input still declares a dynamic batch)")
+    yield dict(name="rtdetr", framework=fw, family="rtdetr", make=rtdetr, deploy=deploy, wrap=RtdetrOut,
+               input_shape=[1, 3, 64, 64], output_names=["detections"],
+               description="RT-DETR-l (HGStem, HGBlock with 3x3 convs and with LightConv 1x1 + dw5x5, AIFI "
+               "transformer encoder with 2D sin/cos position embedding, RepC3 with RepConv: 3x3+BN + 1x1+BN, "
+               "RTDETRDecoder with multi-scale deformable attention); rtdetr-l.yaml at depth 0.33, width 0.125, "
+               "max channels 128 (16-channel layers, 8 in the stem and stage 1's middle; HGStem, HGBlock and "
+               "AIFI widths scaled by hand, AIFI with 2 heads), nc 4; decoder hidden dim 16, 10 queries, "
+               "2 layers, 2 heads, 2 sampling points, feed-forward 32, its zero-initialized weights (box heads' "
+               "last layers, sampling offsets, attention weights) randomized; input 64x64; outputs: the "
+               "eval detections [N, 10, 6] after the decoder's top-k; deploy: model.fuse() (the decoder's "
+               "input_proj Conv2d+BatchNorm2d is not fused by it)",
+               batch1={exporter: rtdetr_batch1 for exporter in ("dynamo", "dynamo_noopt")})
 
 
 # --------------------------------------------------------------------------- mmpretrain
