@@ -210,17 +210,21 @@ def normalize(graph: gs.Graph) -> gs.Graph:
     Returns the graph (the same object).
     """
     _typed_constants(graph)
-    for _ in range(3):
+    for _ in range(8):
         before = len(graph.nodes)
         _castlike_to_cast(graph)
+        _static_shape_slices(graph)
         graph.toposort()
         if _foldable(graph):
             _fold(graph)
         _remove_identities(graph)
+        graph.toposort()
+        # what was folded (a Pad's computed pads) sizes the tensors after it, whose Shapes
+        # fold in the next round (RT-DETR's position embedding): to a fixpoint, so that a
+        # second run has nothing left to fold
+        infer_shapes(graph)
         if len(graph.nodes) == before:
             break
-    graph.toposort()
-    infer_shapes(graph)
     return graph
 
 
@@ -268,6 +272,30 @@ def _foldable(graph: gs.Graph) -> bool:
         if node.op in ("Shape", "Size", "Constant") or all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
             return True
     return False
+
+
+def _static_shape_slices(graph: gs.Graph) -> None:
+    """``Shape(x, start, end)`` (opset 15) whose dims in that range are static becomes a constant;
+    constant folding only folds a Shape when all of x's dims are (a dynamic batch stops it)."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op != "Shape" or len(node.inputs) != 1 or len(node.outputs) != 1 or node.outputs[0].name in outputs:
+            continue
+        shape = node.inputs[0].shape
+        if shape is None:
+            continue
+        n = len(shape)
+        start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", n))
+        start, end = (max(0, min(n, v + n if v < 0 else v)) for v in (start, end))
+        dims = list(shape[start:end])
+        if (start, end) == (0, n) or not all(isinstance(d, int) and d >= 0 for d in dims):
+            continue  # the whole shape is constant folding's (fold_shapes)
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.array(dims, dtype=np.int64))
+        for consumer in list(out.outputs):
+            _replace_input(consumer, out, const)
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 def _castlike_to_cast(graph: gs.Graph) -> None:

@@ -1,6 +1,7 @@
 """Normalization: exporter artifacts and constant subgraphs disappear before the rules run."""
 
 import numpy as np
+import pytest
 import onnx
 from onnx import helper
 
@@ -42,6 +43,28 @@ def test_castlike_like_an_activation_of_unknown_shape_folds_and_the_affine_reach
     out, _ = onnxrep.optimize(model)
     assert ops(out) == {"Relu": 1, "Conv": 1}
     assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("spelling", ["gather", "shape slice"])
+def test_folding_runs_until_sizes_learned_from_a_fold_have_folded_too(spelling):
+    """RT-DETR: a Pad whose pads are computed (opaque to inference until folded), then a position
+    embedding computed from the padded tensor's width (Shape -> Range -> Sin). The width is only
+    known once the pads are: the embedding folds in a later round, not in a second run."""
+    b = GraphBuilder(["N", 2, 4, 4])
+    pads = b.node("Cast", [b.node("Cast", [b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], to=1)], to=7)
+    y = b.node("Pad", [b.x, pads])
+    if spelling == "gather":
+        w = b.node("Gather", [b.node("Shape", [y]), b.const(np.array(3, np.int64))], axis=0)
+    else:  # Shape(start, end) of opset 15, the batch dynamic
+        w = b.node("Squeeze", [b.node("Shape", [y], start=3, end=4), b.const(np.array([0], np.int64))])
+    width = b.node("Cast", [w], to=1)
+    pos = b.node("Sin", [b.node("Range", [b.const(np.float32(0)), width, b.const(np.float32(1))])])
+    model = b.build(b.node("Add", [y, pos]), output_shape=["N", 2, 6, 6])
+    assert _normalized_ops(model) == {"Pad": 1, "Add": 1}
+    out, _ = onnxrep.optimize(model)
+    again, report = onnxrep.optimize(out)
+    assert len(again.graph.node) == len(out.graph.node) and not report.rewrites
+    assert_same_outputs(model, out, batch=2)
 
 
 def test_kernel_computed_from_parameters_is_folded():

@@ -75,8 +75,8 @@ def linear_bn_runtime_rows(tail_computed: bool = False):
     batch = b.node("Squeeze", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([0], np.int64))])
     rows = b.node("Reshape", [b.node("Mul", [batch, b.const(np.array(5, np.int64))]), b.const(np.array([1], np.int64))])
     tail = b.const(np.array([6], np.int64))
-    if tail_computed:  # the last entry read from the MatMul's own shape: not a literal
-        tail = b.node("Shape", [z], start=2, end=3)
+    if tail_computed:  # max(batch, 6): 6 at the batches tried, but computed at run time
+        tail = b.node("Max", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([6], np.int64))])
     target = b.node("Concat", [rows, tail], axis=0)
     y = b.bn(b.node("Reshape", [z, target], allowzero=0), 6)
     back = b.node("Concat", [b.node("Shape", [b.x], start=0, end=1), b.const(np.array([5, 6], np.int64))], axis=0)
