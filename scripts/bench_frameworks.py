@@ -17,6 +17,11 @@ the training export, onnxrep's output and the deploy reference, measured side by
 that rotates each round; reported as the median per variant and the median of per-round
 ratios to the reference (steadier on a shared machine).
 
+With ``--onnxslim "CMD"`` (a command that runs onnxslim, e.g. ``"/path/to/venv/bin/python -m
+onnxslim"``; onnxslim is not one of onnxrep's dependencies), both tools' whole command lines
+also run on every fixture, each in its own process, twice in alternating order: the faster
+wall time of each and that run's peak RSS (``os.wait4``) are added to the table.
+
 Writes the markdown table to stdout and, with ``--out FILE``, to FILE as well.
 """
 
@@ -27,8 +32,11 @@ import collections
 import glob
 import json
 import os
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -95,6 +103,33 @@ def latency(models, shape, budget, min_rounds=30):
     return med, paired, r
 
 
+def measured(argv):
+    """(wall seconds, peak RSS MiB) of a command run in its own process; exits on failure."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    err = p.stderr.read().decode(errors="replace").strip().splitlines()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed: {err[-1] if err else ''}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def command_lines(path, onnxslim):
+    """Best-of-two wall time and its peak RSS for onnxrep's and onnxslim's command lines."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tools = {"onnxrep": [sys.executable, "-m", "onnxrep", path, "-o", os.path.join(tmp, "rep.onnx"), "-q"],
+                 "onnxslim": shlex.split(onnxslim) + [path, os.path.join(tmp, "slim.onnx")]}
+        best = {}
+        for r in range(2):
+            for tool in (list(tools) if r == 0 else list(tools)[::-1]):
+                wall, rss = measured(tools[tool])
+                if tool not in best or wall < best[tool][0]:
+                    best[tool] = (wall, rss)
+    return best
+
+
 def fmt_counts(c, ref=None):
     parts = []
     for op in SHOWN:
@@ -108,10 +143,17 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="exporter folders under models/ (tf2onnx, jax2onnx, paddle2onnx)")
     p.add_argument("--budget", type=float, default=6.0, help="latency seconds per fixture (0: skip latency)")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--onnxslim", metavar="CMD", help="command running onnxslim: adds both command lines' "
+                   "wall time and peak memory")
     args = p.parse_args(argv)
 
-    lines = ["| exporter | fixture | framework | before | **onnxrep** | deploy reference | onnxrep s | "
-             "latency / deploy: train | **onnxrep** |", "|---|---|---|---|---|---|---:|---:|---:|"]
+    head = ("| exporter | fixture | framework | before | **onnxrep** | deploy reference | onnxrep s | "
+            "latency / deploy: train | **onnxrep** |")
+    rule = "|---|---|---|---|---|---|---:|---:|---:|"
+    if args.onnxslim:
+        head += " CLI s: onnxrep / onnxslim | peak MiB: onnxrep / onnxslim |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for folder, e in entries(args.only):
         path = os.path.join(folder, e["file"])
         original = onnx.load(path)
@@ -127,8 +169,13 @@ def main(argv=None) -> int:
                                           args.budget)
             lat_train, lat_rep = f"{paired['train']:.2f}", f"**{paired['onnxrep']:.2f}**"
         name = os.path.relpath(path, os.path.join(ROOT, "models"))
-        lines.append(f"| {e['exporter']} | {name} | {e['framework']} | {fmt_counts(before)} | "
-                     f"**{fmt_counts(after, ref)}** | {fmt_counts(ref)} | {secs:.2f} | {lat_train} | {lat_rep} |")
+        row = (f"| {e['exporter']} | {name} | {e['framework']} | {fmt_counts(before)} | "
+               f"**{fmt_counts(after, ref)}** | {fmt_counts(ref)} | {secs:.2f} | {lat_train} | {lat_rep} |")
+        if args.onnxslim:
+            best = command_lines(path, args.onnxslim)
+            (rw, rr), (sw, sr) = best["onnxrep"], best["onnxslim"]
+            row += f" {rw:.1f} / {sw:.1f} | {rr:.0f} / {sr:.0f} |"
+        lines.append(row)
         print(lines[-1], file=sys.stderr, flush=True)
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
