@@ -148,7 +148,7 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
         ctx = Context(RepGraph(graph, resolved=known_shapes), allow_growth=o.allow_growth, shared=shared,
                       on_rewrite=lambda n: o.progress("rewriting", n))
         result = run_to_fixpoint(ctx, rules, deny, limit)
-        model = export(graph, original)
+        model = export(graph, original, consume=True)
         del ctx, graph
         gc.collect()  # the rewritten graph holds itself in cycles (graph.COLLECT_BYTES): free its weights now
         return model, result

@@ -25,6 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, shape_inference
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import inputs
@@ -348,10 +349,17 @@ def _replace_input(node: gs.Node, old, new) -> None:
             node.inputs[i] = new
 
 
-def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Back to a ModelProto with the original's opsets, IR version and metadata."""
+def export(graph: gs.Graph, original: onnx.ModelProto, consume: bool = False) -> onnx.ModelProto:
+    """Back to a ModelProto with the original's opsets, IR version and metadata.
+
+    Weights go into the model one at a time (onnx-graphsurgeon's own export builds a list of
+    every initializer, copies it into a GraphProto, then that into a ModelProto: three copies
+    of the weights at once). With ``consume``, each rewritten weight's array is dropped from
+    the graph once it is in the model, so the weights are held about once while exporting; the
+    graph is not usable afterwards.
+    """
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _graph_to_model(graph, consume)
     model.ir_version = original.ir_version
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
@@ -365,6 +373,36 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.functions.extend(original.functions)
     _forget_invented_dims(model)
     _keep_declared_output_dims(model, original)
+    return model
+
+
+def _graph_to_model(graph: gs.Graph, consume: bool) -> onnx.ModelProto:
+    """The top graph as a ModelProto (nodes, inputs, outputs, value_info, initializers), built
+    in place: what onnx-graphsurgeon's export_onnx produces, without its copies of the weights."""
+    model = onnx.ModelProto()
+    g = model.graph
+    g.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensors = graph.tensors()
+    io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, t in tensors.items():
+        if isinstance(t, gs.Constant):
+            values = t._values
+            if isinstance(values, SparseValues):
+                g.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
+            elif isinstance(values, LazyValues):  # an untouched weight: the original's tensor, copied once
+                dst = g.initializer.add()
+                dst.CopyFrom(values.tensor)
+                dst.name = name
+            else:
+                proto = OnnxExporter.export_tensor_proto(t)
+                g.initializer.append(proto)
+                del proto
+                if consume:
+                    t._values = np.zeros(0, dtype=t.dtype)  # the model holds it now
+        elif name not in io and (t.dtype is not None or t.shape is not None):
+            g.value_info.append(OnnxExporter.export_value_info_proto(t, False))
     return model
 
 

@@ -11,6 +11,7 @@ import weakref
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import helper
@@ -167,3 +168,27 @@ def test_tensor_bytes_sizes_raw_tensors_from_their_dims():
     g = helper.make_graph([], "g", [], [], raw + [typed, external])
     want = sum(len(t.raw_data) for t in raw) + typed.ByteSize()
     assert modelio.tensor_bytes(helper.make_model(g)) == want
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_export_holds_each_weight_once(consume):
+    """export() builds the model's initializers one by one (no list of them copied twice
+    more); consuming, it drops each rewritten weight from the graph once it is in the model;
+    untouched weights are copied from the original without renaming the original's tensors."""
+    from onnxrep.normalize import export
+    model = _chain(blocks=2)
+    before = model.SerializeToString()
+    g = normalize(import_graph(model))
+    run_to_fixpoint(Context(RepGraph(g)), select_rules(None, None, None))
+    rewritten = [t for t in g.tensors().values() if isinstance(t, gs.Constant)
+                 and isinstance(t._values, np.ndarray)]
+    assert rewritten
+    sizes = {t.name: t.values.size for t in rewritten}
+    out = export(g, model, consume=consume)
+    assert {i.name for i in out.graph.initializer} >= set(sizes)
+    assert {i.name: int(np.prod(i.dims)) for i in out.graph.initializer if i.name in sizes} == sizes
+    assert all((t._values.size == 0) == consume for t in rewritten)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(out)
+    feeds = random_feeds(model)
+    np.testing.assert_allclose(run(out, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
