@@ -814,6 +814,8 @@ class Verifier:
                 and len(result.outputs) == len(self.output_names)
                 and all(not c.note and math.isfinite(c.ratio) for c in result.diverging)):
             # a numeric difference only: judge again once the original's own noise is known
+            # (the candidate's session goes first: one model in onnxruntime at a time)
+            del session
             if self._measure_noise():
                 return self.check(candidate)
         first = result.diverging[0] if result.diverging else None
