@@ -313,10 +313,12 @@ def _file_mode(path: str) -> int:
 
 
 def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view[:_CHUNK])
-        view = view[n:]
+    """Write bytes, or each of an iterable of bytes (serialized_chunks), to ``fd``."""
+    for piece in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data):
+        view = memoryview(piece)
+        while view:
+            n = os.write(fd, view[:_CHUNK])
+            view = view[n:]
 
 
 def _fsync_folder(folder: str) -> None:
@@ -399,7 +401,7 @@ def _link_new(src: str, dst: str) -> None:
     os.unlink(src)
 
 
-def _replace_file(path: str, real: str, payload: Callable[[Optional[str], Optional[int]], bytes],
+def _replace_file(path: str, real: str, payload: Callable[[Optional[str], Optional[int]], object],
                   external: bool, keep: Sequence[str]) -> Optional[str]:
     """The regular-file protocol (docs/files.md). ``payload(None, None)`` returns the bytes of
     the file; with ``external``, ``payload(location, fd)`` first writes the tensor data to the
@@ -527,9 +529,9 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], extern
             raise _error(path, exc) from exc
         return None
 
-    def payload(location: Optional[str], fd: Optional[int]) -> bytes:
+    def payload(location: Optional[str], fd: Optional[int]):
         if location is None:
-            return model.SerializeToString()
+            return serialized_chunks(model)  # written one tensor at a time
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # the tensors of the copy become references
         _move_tensors(copy, fd, location)
@@ -556,6 +558,40 @@ def write_text(path: str, text: str) -> None:
 #: model's size at rest, plus the bytes themselves while it parses), but only one when given a
 #: path. Below this size the file round trip costs more than the memory is worth.
 FILE_SESSION_BYTES = 32 << 20
+
+
+def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
+    """``model`` serialized in pieces whose concatenation parses as ``model``: first everything
+    but the initializers, then one serialized ``ModelProto`` per initializer holding only that
+    tensor, which protobuf appends to ``graph.initializer`` when parsing. Writing them one by one
+    holds one tensor's bytes at a time, where ``SerializeToString`` holds the whole model (twice,
+    while Python copies protobuf's buffer). ``model`` is not changed."""
+    skeleton = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(skeleton, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(skeleton.graph, fd, value)
+    if model.HasField("graph"):
+        skeleton.graph.SetInParent()
+    yield skeleton.SerializeToString()
+    del skeleton
+    for tensor in model.graph.initializer:
+        piece = onnx.ModelProto()
+        piece.graph.initializer.add().CopyFrom(tensor)
+        data = piece.SerializeToString()
+        del piece
+        yield data
+
+
+def _copy_field(message, fd, value) -> None:
+    if hasattr(value, "CopyFrom"):  # a message
+        getattr(message, fd.name).CopyFrom(value)
+    elif hasattr(value, "extend"):  # a repeated field (protobuf versions differ in how they say so)
+        getattr(message, fd.name).extend(value)
+    else:
+        setattr(message, fd.name, value)
 
 
 def session(model: onnx.ModelProto, options: ort.SessionOptions,
@@ -586,7 +622,8 @@ def session(model: onnx.ModelProto, options: ort.SessionOptions,
                 save(model, path, True)
             else:
                 with open(path, "wb") as f:
-                    f.write(model.SerializeToString())  # the bytes are freed before onnxruntime reads
+                    for chunk in serialized_chunks(model):  # one tensor's bytes at a time
+                        f.write(chunk)
             if extra:
                 with open(path, "ab") as f:
                     f.write(extra)

@@ -192,3 +192,17 @@ def test_export_holds_each_weight_once(consume):
     onnx.checker.check_model(out)
     feeds = random_feeds(model)
     np.testing.assert_allclose(run(out, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_serialized_chunks_parse_as_the_model_and_hold_one_tensor_each():
+    model = _chain(blocks=2)
+    model.graph.doc_string = "graph doc"
+    helper.set_model_props(model, {"k": "v"})
+    before = model.SerializeToString()
+    chunks = list(modelio.serialized_chunks(model))
+    assert model.SerializeToString() == before
+    assert len(chunks) == 1 + len(model.graph.initializer)
+    assert max(len(c) for c in chunks[1:]) < 2 * max(len(t.SerializeToString()) for t in model.graph.initializer)
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(b"".join(chunks))
+    assert parsed.SerializeToString() == before
