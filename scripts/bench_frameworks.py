@@ -104,7 +104,8 @@ def latency(models, shape, budget, min_rounds=30):
 
 
 def measured(argv):
-    """(wall seconds, peak RSS MiB) of a command run in its own process; exits on failure."""
+    """(wall seconds, peak RSS MiB, None) of a command run in its own process, or (None, None,
+    its last line of stderr) when it fails."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -112,20 +113,23 @@ def measured(argv):
     wall = time.perf_counter() - t
     err = p.stderr.read().decode(errors="replace").strip().splitlines()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {err[-1] if err else ''}")
-    return wall, usage.ru_maxrss / 1024
+        return None, None, (err[-1] if err else f"exit status {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_maxrss / 1024, None
 
 
 def command_lines(path, onnxslim):
-    """Best-of-two wall time and its peak RSS for onnxrep's and onnxslim's command lines."""
+    """Best-of-two wall time and its peak RSS for onnxrep's and onnxslim's command lines; a tool
+    that fails gets (None, error)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tools = {"onnxrep": [sys.executable, "-m", "onnxrep", path, "-o", os.path.join(tmp, "rep.onnx"), "-q"],
                  "onnxslim": shlex.split(onnxslim) + [path, os.path.join(tmp, "slim.onnx")]}
         best = {}
         for r in range(2):
             for tool in (list(tools) if r == 0 else list(tools)[::-1]):
-                wall, rss = measured(tools[tool])
-                if tool not in best or wall < best[tool][0]:
+                wall, rss, err = measured(tools[tool])
+                if err is not None:
+                    best[tool] = (None, err)
+                elif tool not in best or (best[tool][0] is not None and wall < best[tool][0]):
                     best[tool] = (wall, rss)
     return best
 
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     if args.onnxslim:
         head += " CLI s: onnxrep / onnxslim | peak MiB: onnxrep / onnxslim |"
         rule += "---:|---:|"
-    lines = [head, rule]
+    lines, failures = [head, rule], []
     for folder, e in entries(args.only):
         path = os.path.join(folder, e["file"])
         original = onnx.load(path)
@@ -173,10 +177,14 @@ def main(argv=None) -> int:
                f"**{fmt_counts(after, ref)}** | {fmt_counts(ref)} | {secs:.2f} | {lat_train} | {lat_rep} |")
         if args.onnxslim:
             best = command_lines(path, args.onnxslim)
-            (rw, rr), (sw, sr) = best["onnxrep"], best["onnxslim"]
-            row += f" {rw:.1f} / {sw:.1f} | {rr:.0f} / {sr:.0f} |"
+            wall = " / ".join("fails" if w is None else f"{w:.1f}" for w, _ in best.values())
+            peak = " / ".join("fails" if w is None else f"{r:.0f}" for w, r in best.values())
+            row += f" {wall} | {peak} |"
+            failures.extend(f"{name}: {tool} fails: {r}" for tool, (w, r) in best.items() if w is None)
         lines.append(row)
         print(lines[-1], file=sys.stderr, flush=True)
+    if failures:
+        lines += [""] + [f"- {f}" for f in failures]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if args.out:
