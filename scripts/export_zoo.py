@@ -330,6 +330,16 @@ def mmpretrain_models():
             base_channels=4, out_indices=(2, 3)),
          "RepVGG-A0 width factors (0.75, 0.75, 0.75, 2.5) at base_channels 4, num_blocks (1, 2, 4, 1): "
          "BN(3x3) + BN(1x1) [+ BN identity], ReLU; outputs of stages 3 and 4"),
+        # RepVGG's even-numbered blocks (group_layer_map: 2, 4, 6, ...) are grouped; with blocks (1, 2, 4, 1)
+        # those are stage 2's and 3's first (stride 2), stage 3's third (with identity) and stage 4's. (The
+        # map may not name blocks beyond the last: it is cut to the 8 built here.)
+        ("repvgg_b1g2", "repvgg", lambda: bb.RepVGG(
+            dict(num_blocks=[1, 2, 4, 1], width_factor=[2, 2, 2, 4],
+                 group_layer_map={k: g for k, g in bb.RepVGG.g2_layer_map.items() if k <= 8}, se_cfg=None),
+            base_channels=4, out_indices=(2, 3)),
+         "RepVGG-B1g2 width factors (2, 2, 2, 4) and group_layer_map (groups 2 in even-numbered blocks) at "
+         "base_channels 4 (widths 8, 16, 32, 128), num_blocks (1, 2, 4, 1): BN(3x3) + BN(1x1) [+ BN identity], "
+         "ReLU, grouped in blocks 2, 4, 6 (with identity) and 8; outputs of stages 3 and 4"),
         ("mobileone_s0", "mobileone", lambda: bb.MobileOne(
             dict(num_blocks=[1, 2, 2, 1], width_factor=[0.125, 0.125, 0.125, 0.125],
                  num_conv_branches=[4, 4, 4, 4], num_se_blocks=[0, 0, 0, 0]), out_indices=(3,)),
