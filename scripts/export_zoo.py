@@ -32,7 +32,8 @@ Run (from the repository root; each package's models with the interpreter that h
 the entries of the package run (entries of other packages are kept).
 
 Every model is built from the package's own configuration, scaled down to a few channels
-(random init, nothing is downloaded), with every BatchNorm's running statistics and affine
+(random init seeded by the model's name, or by a spec's
+``seed`` where that one is documented; nothing is downloaded), with every BatchNorm's running statistics and affine
 parameters randomized, and exported in three dialects: TorchScript (``dynamo=False``, opset 17,
 dynamic batch), dynamo (``dynamo=True``, opset 18, dynamic batch) and dynamo with
 ``optimize=False``. The package's own deploy conversion (ultralytics ``model.fuse()``, which
@@ -155,16 +156,30 @@ def rtdetr_cfg(yaml_name: str, depth: float, width: float, max_channels: int, nc
     """RT-DETR's yaml at one custom scale (see ultralytics_cfg). The scale reaches only the base
     modules (Conv, DWConv, RepC3): HGStem and HGBlock take explicit (middle, output) channels and
     AIFI an explicit feed-forward width and head count, so these are scaled here the way the base
-    modules' channels are (capped at ``max_channels``, times ``width``), with ``heads`` heads."""
+    modules' channels are (capped at ``max_channels``, times ``width``), with ``heads`` heads.
+
+    ResNetLayer (rtdetr-resnet*.yaml) takes explicit (input, bottleneck) channels, stride, is_first
+    and block count: its bottleneck channels are scaled the same way, its input channels follow the
+    previous ResNetLayer's output (the bottleneck's, times the expansion 4, after the first), and its
+    block count is scaled by ``depth`` like the yaml's repeats (at least 1)."""
     from ultralytics.utils.ops import make_divisible
 
     d = ultralytics_cfg(yaml_name, depth, width, max_channels, nc)
+    c_out = None
     for layer in d["backbone"] + d["head"]:
         if layer[2] in ("HGStem", "HGBlock"):
             for j in (0, 1):
                 layer[3][j] = make_divisible(min(layer[3][j], max_channels) * width, 8)
         elif layer[2] == "AIFI":
             layer[3] = [make_divisible(min(layer[3][0], max_channels) * width, 8), heads]
+        elif layer[2] == "ResNetLayer":
+            args = layer[3]
+            is_first = args[3]
+            args[1] = make_divisible(min(args[1], max_channels) * width, 8)
+            if not is_first:
+                args[0] = c_out
+                args[4] = max(round(args[4] * depth), 1)
+            c_out = args[1] if is_first else 4 * args[1]
     return d
 
 
@@ -261,25 +276,29 @@ def ultralytics_models():
                    "the box head), nc 4, reg_max 4; input 64x64; outputs: raw head "
                    "(box distributions, class logits), before DFL decoding; deploy: model.fuse()")
 
-    def rtdetr():
-        from ultralytics.nn.tasks import RTDETRDetectionModel
+    def rtdetr(seed, yaml_name, max_channels):
+        def make():
+            from ultralytics.nn.tasks import RTDETRDetectionModel
 
-        with small_decoder(**RTDETR_DECODER):
-            model = RTDETRDetectionModel(rtdetr_cfg("rtdetr-l.yaml", 0.33, 0.125, 128), verbose=False)
-        randomize_zero_weights(model.model[-1], torch.Generator().manual_seed(seed_of("rtdetr") + 3))
-        # a dry run at the export size, as ultralytics' exporter does: the decoder caches its anchors for
-        # that size, so the deploy reference (exported first, from a copy) holds them as a constant like
-        # the training exports instead of tracing their generation (Range, meshgrid, Log, Where)
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64))
-        return model
+            with small_decoder(**RTDETR_DECODER):
+                model = RTDETRDetectionModel(rtdetr_cfg(yaml_name, 0.33, 0.125, max_channels), verbose=False)
+            randomize_zero_weights(model.model[-1], torch.Generator().manual_seed(seed + 3))
+            # a dry run at the export size, as ultralytics' exporter does: the decoder caches its anchors for
+            # that size, so the deploy reference (exported first, from a copy) holds them as a constant like
+            # the training exports instead of tracing their generation (Range, meshgrid, Log, Where)
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(1, 3, 64, 64))
+            return model
+
+        return make
 
     RTDETR_DECODER = dict(hd=16, nq=10, ndp=2, nh=2, ndl=2, d_ffn=32)  # noqa: N806
     rtdetr_batch1 = ("torch.export specializes the batch to 1: F.linear on the transposed [Q, N, C] input of the "
                      "decoder's self-attention (sequence-first nn.MultiheadAttention) guards N == 1, which torch.onnx "
                      "turns into a static batch (Reshapes to [1, 16, 4]; the input still declares a dynamic batch)")
-    yield dict(name="rtdetr", framework=fw, family="rtdetr", make=rtdetr, deploy=deploy, wrap=RtdetrOut,
+    yield dict(name="rtdetr", framework=fw, family="rtdetr", make=rtdetr(seed_of("rtdetr"), "rtdetr-l.yaml", 128),
+               deploy=deploy, wrap=RtdetrOut,
                input_shape=[1, 3, 64, 64], output_names=["detections"],
                description="RT-DETR-l (HGStem, HGBlock with 3x3 convs and with LightConv 1x1 + dw5x5, AIFI "
                "transformer encoder with 2D sin/cos position embedding, RepC3 with RepConv: 3x3+BN + 1x1+BN, "
@@ -525,7 +544,7 @@ def main() -> int:
         if isinstance(spec.get("gap"), str) and not args.gaps:
             print(f"{name}: skipped ({spec['gap']}; --gaps exports it)")
             continue
-        seed = seed_of(name)
+        seed = spec.get("seed", seed_of(name))
         torch.manual_seed(seed)
         model = spec["make"]()
         nbn = randomize_bn(model, torch.Generator().manual_seed(seed + 1))
