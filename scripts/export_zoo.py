@@ -446,6 +446,19 @@ def super_gradients_models():
                 m.prep_model_for_conversion()
         return model
 
+    def repvgg_a0():
+        from super_gradients.training.models.classification_models.repvgg import RepVGG
+
+        # RepVggA0's struct (2, 4, 14, 1) and width multipliers (0.75, 0.75, 0.75, 2.5), the multipliers at
+        # 1/16 (stages 3, 6, 12, 80 channels) and the blocks reduced as in mmpretrain's repvgg_a0
+        return RepVGG(struct=[1, 2, 4, 1], num_classes=10, width_multiplier=[w / 16 for w in (0.75, 0.75, 0.75, 2.5)])
+
+    yield dict(name="sg_repvgg_a0", framework=fw, family="repvgg", make=repvgg_a0, deploy=deploy, wrap=None,
+               input_shape=[1, 3, 64, 64], output_names=["output"],
+               description="RepVGG-A0 (RepVGGBlock: BN(3x3) + BN(1x1) [+ BN identity], ReLU; global average "
+               "pooling, Linear classifier) at RepVggA0's width multipliers / 16 (stem and stages 3, 3, 6, 12, 80 "
+               "channels), struct (1, 2, 4, 1), 10 classes; input 64x64; deploy: prep_model_for_conversion() "
+               "on every block")
     yield dict(name="yolo_nas_s", framework=fw, family="qarepvgg", make=make, deploy=deploy, wrap=None,
                input_shape=[1, 3, 64, 64], output_names=["output"],
                description="YOLO-NAS-S backbone (YoloNASStem, 4 YoloNASStage: QARepVGG downsample, CSP layer of "
