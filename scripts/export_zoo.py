@@ -32,11 +32,10 @@ Run (from the repository root; each package's models with the interpreter that h
 the entries of the package run (entries of other packages are kept).
 
 Every model is built from the package's own configuration, scaled down to a few channels
-(random init seeded by the model's name, or by a spec's
-``seed`` where that one is documented; nothing is downloaded), with every BatchNorm's running statistics and affine
-parameters randomized, and exported in three dialects: TorchScript (``dynamo=False``, opset 17,
-dynamic batch), dynamo (``dynamo=True``, opset 18, dynamic batch) and dynamo with
-``optimize=False``. The package's own deploy conversion (ultralytics ``model.fuse()``, which
+(random init seeded by the model's name, or by a spec's ``seed`` where that one is documented;
+nothing is downloaded), with every BatchNorm's running statistics and affine parameters
+randomized, and exported in three dialects: TorchScript (``dynamo=False``, opset 17, dynamic
+batch), dynamo (``dynamo=True``, opset 18, dynamic batch) and dynamo with ``optimize=False``. The package's own deploy conversion (ultralytics ``model.fuse()``, which
 fuses Conv+BN, RepConv and RepVGGDW; mmpretrain ``switch_to_deploy()``; super-gradients
 ``prep_model_for_conversion()``) is then applied to a copy and exported with TorchScript as the
 deploy reference, whose operator counts the manifest records (``deploy_ops``). Every training
