@@ -423,6 +423,27 @@ def mmpretrain_models():
 # --------------------------------------------------------------------------- super-gradients
 
 
+class PpyoloeRaw(nn.Module):
+    """PP-YOLOE: backbone, neck and the head's convolutions up to the raw head outputs.
+
+    The head's eval decoding (DFL softmax and projection, anchors, sigmoid) is left out: the outputs
+    are its box distributions ``[N, 4*(reg_max+1), A]`` and class logits ``[N, nc, A]``, computed as
+    PPYOLOEHead.forward_eval computes them (ESEAttn stems, the cls stem with its residual)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone, self.neck, self.head = model.backbone, model.neck, model.head
+
+    def forward(self, x):
+        feats = self.neck(self.backbone(x))
+        boxes, scores = [], []
+        for i, feat in enumerate(feats):
+            avg_feat = nn.functional.adaptive_avg_pool2d(feat, (1, 1))
+            scores.append(self.head.pred_cls[i](self.head.stem_cls[i](feat, avg_feat) + feat).flatten(2))
+            boxes.append(self.head.pred_reg[i](self.head.stem_reg[i](feat, avg_feat)).flatten(2))
+        return torch.cat(boxes, 2), torch.cat(scores, 2)
+
+
 def super_gradients_models():
     import super_gradients
     from super_gradients.training.models.detection_models.yolo_nas.yolo_stages import YoloNASStage, YoloNASStem
@@ -458,6 +479,35 @@ def super_gradients_models():
                "pooling, Linear classifier) at RepVggA0's width multipliers / 16 (stem and stages 3, 3, 6, 12, 80 "
                "channels), struct (1, 2, 4, 1), 10 classes; input 64x64; deploy: prep_model_for_conversion() "
                "on every block")
+    def ppyoloe_s():
+        from omegaconf import OmegaConf
+        from super_gradients.training.models.arch_params_factory import get_arch_params
+        from super_gradients.training.models.detection_models.pp_yolo_e.pp_yolo_e import PPYoloE
+
+        # ppyoloe_s_arch_params.yaml (depth 0.33, width 0.5) at width 1/16, without its pretrained backbone
+        arch = OmegaConf.to_container(get_arch_params("ppyoloe_s_arch_params"), resolve=True)
+        arch["width_mult"], arch["num_classes"] = 0.0625, 4
+        arch["backbone"]["pretrained_weights"] = None
+        arch["head"]["reg_max"] = 4
+        model = PPYoloE(arch)
+        # the head's prediction convs start at zero weights (trained from there, they are not)
+        randomize_zero_weights(model.head, torch.Generator().manual_seed(seed_of("ppyoloe_s") + 3))
+        return model
+
+    def ppyoloe_deploy(model):
+        model.prep_model_for_conversion(input_size=[1, 3, 64, 64])
+        return model
+
+    yield dict(name="ppyoloe_s", framework=fw, family="ppyoloe", make=ppyoloe_s, deploy=ppyoloe_deploy,
+               wrap=PpyoloeRaw, input_shape=[1, 3, 64, 64], output_names=["boxes", "scores"],
+               description="PP-YOLOE-S (CSPResNet backbone: 3-conv stem, CSPResStage with CSPResNetBasicBlock "
+               "= ConvBNAct 3x3 then RepVGGBlock BN(3x3) + BN(1x1), SiLU, with a residual Add, and an effective "
+               "SE; CSP-PAN neck with SPP and RepVGG basic blocks without residual; ET-head with ESE attention "
+               "stems) from ppyoloe_s_arch_params.yaml (depth 0.33) at width 1/16 (backbone 8/16/32/64, neck "
+               "48/24/12), nc 4, reg_max 4, no pretrained backbone, the head's zero-initialized prediction "
+               "convs randomized; input 64x64; outputs: raw head (box distributions [N, 20, A], class logits "
+               "[N, 4, A]), before DFL decoding; deploy: PPYoloE.prep_model_for_conversion() (fuses every "
+               "RepVGGBlock)")
     yield dict(name="yolo_nas_s", framework=fw, family="qarepvgg", make=make, deploy=deploy, wrap=None,
                input_shape=[1, 3, 64, 64], output_names=["output"],
                description="YOLO-NAS-S backbone (YoloNASStem, 4 YoloNASStage: QARepVGG downsample, CSP layer of "
