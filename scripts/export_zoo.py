@@ -19,7 +19,8 @@ Setup (throw-away virtual environments outside the repository)::
     echo /path/to/torch/lib/python3.11/site-packages > /path/to/sg/lib/python3.11/site-packages/torch.pth
     /path/to/sg/bin/pip install --no-deps super-gradients==3.7.1
     /path/to/sg/bin/pip install "setuptools<80" omegaconf hydra-core termcolor boto3 stringcase jsonschema \
-        rapidfuzz torchmetrics tensorboard treelib imagesize pycocotools scipy einops deprecated data_gradients
+        rapidfuzz torchmetrics tensorboard treelib imagesize pycocotools scipy einops deprecated data_gradients \
+        onnxsim
 
 Run (from the repository root; each package's models with the interpreter that has it)::
 
