@@ -103,18 +103,28 @@ def latency(models, shape, budget, min_rounds=30):
     return med, paired, r
 
 
+#: Runs a command and reports its peak RSS. A child's peak counts the size of the process it was
+#: forked from, and this script holds onnxrep, onnxruntime and the fixtures: the tools are
+#: started from this small launcher instead, so their peaks are their own.
+LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+
+
 def measured(argv):
     """(wall seconds, peak RSS MiB, None) of a command run in its own process, or (None, None,
     its last line of stderr) when it fails."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env=env)
     wall = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace").strip().splitlines()
-    if os.waitstatus_to_exitcode(status) != 0:
-        return None, None, (err[-1] if err else f"exit status {os.waitstatus_to_exitcode(status)}")
-    return wall, usage.ru_maxrss / 1024, None
+    err = p.stderr.decode(errors="replace").strip().splitlines()
+    peak = [int(line.split()[1]) for line in err if line.startswith("maxrss ")]
+    err = [line for line in err if not line.startswith("maxrss ")]
+    if p.returncode != 0 or not peak:
+        return None, None, (err[-1] if err else f"exit status {p.returncode}")
+    return wall, peak[-1] / 1024, None
 
 
 def command_lines(path, onnxslim):
