@@ -27,9 +27,10 @@ the late rules get a pass each, one rule at a time in their order (any change go
 early rules), so that no late rule pre-empts an earlier one's rewrite. Last, the final rules
 get one pass each: they lower what the others leave into its cheapest spelling (a depthwise 1x1
 Conv into Mul/Add), a form the others would fold back, so nothing runs after them. The graph
-is only mutated between matches, never while one is in progress. Rewrites are deterministic, so a run can be replayed with ``limit`` (stop after that
-many rewrites) and ``deny`` (skip those rewrite keys): that is how a verification failure is
-traced to one rewrite and rolled back.
+is only mutated between matches, never while one is in progress. Rewrites are deterministic,
+so a run can be replayed with ``limit`` (stop after that many rewrites) and ``deny`` (skip
+those rewrite keys): that is how a verification failure is traced to one rewrite and rolled
+back.
 """
 
 from __future__ import annotations
