@@ -287,13 +287,19 @@ def test_channel_affine_of_inverts_the_conv(ndim, group):
     np.testing.assert_allclose(x * s + t, convnd_params_ref(x, p), **TIGHT)
 
 
-@pytest.mark.parametrize("change", ["mixes channels", "stride", "pads", "3x1 window", "fewer outputs"])
+@pytest.mark.parametrize("change", ["mixes channels", "mixes channels in a group", "stride", "pads", "3x1 window",
+                                    "fewer outputs"])
 def test_channel_affine_of_declines_what_is_not_per_channel(change):
     rng = rng_for("affine_of_no", len(change))
     p = diagonal_conv(rng.standard_normal(4), rng.standard_normal(4), group=1)
     if change == "mixes channels":
         w = p.weight.copy()
         w[0, 1, 0, 0] = 1e-30  # any off-diagonal tap, however small
+        p = replace(p, weight=w)
+    elif change == "mixes channels in a group":
+        p = diagonal_conv(rng.standard_normal(4), rng.standard_normal(4), group=2)  # weight [4, 2, 1, 1]
+        w = p.weight.copy()
+        w[3, 0, 0, 0] = 1e-30  # output 3 reading input 2, inside its group
         p = replace(p, weight=w)
     elif change == "stride":
         p = replace(p, strides=(1, 2))
