@@ -253,17 +253,13 @@ def _typed_constants(graph: gs.Graph) -> None:
     """``Constant(value_float(s)/value_int(s))`` as initializers of the type ONNX gives them
     (float32, int64); read naively, a Python list of floats becomes a float64 tensor."""
     kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op != "Constant" or len(node.outputs) != 1 or len(node.attrs) != 1:
             continue
         (key, value), = node.attrs.items()
-        if key not in kinds or node.outputs[0].name in {t.name for t in graph.outputs}:
-            continue
-        out = node.outputs[0]
-        const = gs.Constant(out.name, np.asarray(value, dtype=kinds[key]))
-        for consumer in list(out.outputs):
-            _replace_input(consumer, out, const)
-        node.outputs.clear()
+        if key in kinds and node.outputs[0].name not in outputs:
+            _to_constant(node, np.asarray(value, dtype=kinds[key]))
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
@@ -291,11 +287,7 @@ def _static_shape_slices(graph: gs.Graph) -> None:
         dims = list(shape[start:end])
         if (start, end) == (0, n) or not all(isinstance(d, int) and d >= 0 for d in dims):
             continue  # the whole shape is constant folding's (fold_shapes)
-        out = node.outputs[0]
-        const = gs.Constant(out.name, np.array(dims, dtype=np.int64))
-        for consumer in list(out.outputs):
-            _replace_input(consumer, out, const)
-        node.outputs.clear()
+        _to_constant(node, np.array(dims, dtype=np.int64))
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
@@ -341,6 +333,16 @@ def _remove_identities(graph: gs.Graph) -> None:
             node.inputs.clear()
             prod.outputs[prod.outputs.index(src)] = dst
     graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _to_constant(node: gs.Node, values: np.ndarray) -> None:
+    """Its one output's readers read a constant of that name and value instead; the node is
+    disconnected (cleanup removes it)."""
+    out = node.outputs[0]
+    const = gs.Constant(out.name, values)
+    for consumer in list(out.outputs):
+        _replace_input(consumer, out, const)
+    node.outputs.clear()
 
 
 def _replace_input(node: gs.Node, old, new) -> None:
