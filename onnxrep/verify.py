@@ -437,12 +437,7 @@ def compare(y: np.ndarray, ref: np.ndarray, rtol: float, floor_rel: float, atol:
             return _Cmp(False, float("inf"), float("inf"), 0.0, float("inf"), note="non-finite values differ")
         yf, rf = np.where(finite, yf, 0.0), np.where(finite, rf, 0.0)
     diff, mag = np.abs(yf - rf), np.abs(rf)
-    if rf.ndim >= 2:
-        c = rf.shape[1]
-        diff_c = np.moveaxis(diff, 1, 0).reshape(c, -1).max(axis=1)
-        mag_c = np.moveaxis(mag, 1, 0).reshape(c, -1).max(axis=1)
-    else:
-        diff_c, mag_c = diff.reshape(1, -1).max(axis=1), mag.reshape(1, -1).max(axis=1)  # 0-d too
+    diff_c, mag_c = _channel_max(diff), _channel_max(mag)
     floor = atol if atol is not None else floor_rel * max(float(mag.max()), scale)
     allowed_c = rtol * mag_c + floor
     if noise is not None and noise.shape == allowed_c.shape:
@@ -466,10 +461,15 @@ def channel_max_diff(a: np.ndarray, b: np.ndarray) -> Optional[np.ndarray]:
     af, bf = a.astype(np.float64), b.astype(np.float64)
     with np.errstate(invalid="ignore"):
         diff = np.where((af == bf) | (np.isnan(af) & np.isnan(bf)), 0.0, np.abs(af - bf))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    if diff.ndim >= 2:
-        return np.moveaxis(diff, 1, 0).reshape(diff.shape[1], -1).max(axis=1)
-    return diff.reshape(1, -1).max(axis=1)
+    return _channel_max(np.where(np.isnan(diff), np.inf, diff))
+
+
+def _channel_max(x: np.ndarray) -> np.ndarray:
+    """max of a non-empty tensor per channel: axis 1 when its rank is at least 2, else one
+    channel (0-d too)."""
+    if x.ndim >= 2:
+        return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).max(axis=1)
+    return x.reshape(1, -1).max(axis=1)
 
 
 def perturbed(model: onnx.ModelProto, types: Dict[str, Tuple[int, Optional[List[int]]]], amplitude: float,
