@@ -123,7 +123,32 @@ def small_heads(reg_max: int):
         block.Attention.__init__, head.Detect.__init__ = attention, detect
 
 
-class YoloRaw(nn.Module):
+class UltralyticsHead(nn.Module):
+    """An ultralytics model run layer by layer as its own ``forward`` does, up to ``head`` applied
+    to the last layer's inputs (what the subclasses export)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+        self.save = model.save
+
+    def head(self, m, x):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, x):
+        y = []
+        last = len(self.model) - 1  # (under torch.export, self.model[-1] is not the module iteration yields)
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if m.i == last:
+                return self.head(m, x)
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        raise AssertionError("no head")
+
+
+class YoloRaw(UltralyticsHead):
     """Backbone, neck and the Detect convolutions up to the raw head outputs.
 
     Detect's box decoding (DFL softmax, anchors) and, for end-to-end heads, top-k selection
@@ -132,23 +157,9 @@ class YoloRaw(nn.Module):
     models such as YOLOv10, whose ``fuse()`` removes the one-to-many head).
     """
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.model
-        self.save = model.save
-
-    def forward(self, x):
-        y = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            if m is self.model[-1]:
-                heads = m.one2one if m.end2end else m.one2many
-                p = m.forward_head(x, **heads)
-                return p["boxes"], p["scores"]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        raise AssertionError("no head")
+    def head(self, m, x):
+        p = m.forward_head(x, **(m.one2one if m.end2end else m.one2many))
+        return p["boxes"], p["scores"]
 
 
 def rtdetr_cfg(yaml_name: str, depth: float, width: float, max_channels: int, nc: int = 4,
@@ -215,27 +226,13 @@ def randomize_zero_weights(model: nn.Module, gen: torch.Generator, std: float = 
     return n
 
 
-class RtdetrOut(nn.Module):
+class RtdetrOut(UltralyticsHead):
     """RT-DETR as exported for inference: backbone, hybrid encoder and the decoder head in eval mode,
     up to its post-processed detections ``[N, num_queries, 6]`` (cx, cy, w, h, score, class) after
     the top-k over queries x classes (what ultralytics' own ONNX export returns)."""
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.model
-        self.save = model.save
-
-    def forward(self, x):
-        y = []
-        last = len(self.model) - 1  # (under torch.export, self.model[-1] is not the module iteration yields)
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            if m.i == last:
-                return m(x)[0]  # eval: (detections, raw decoder outputs)
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        raise AssertionError("no head")
+    def head(self, m, x):
+        return m(x)[0]  # eval: (detections, raw decoder outputs)
 
 
 def ultralytics_models():
