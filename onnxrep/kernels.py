@@ -167,13 +167,15 @@ def affine_before_conv(p: ConvParams, scale, shift) -> ConvParams:
     shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (p.in_channels,))
     if any(p.pads) and np.any(shift != 0):
         raise Decline("the conv pads its input with zeros, where the original reads the shift: wrong on the border")
-    w = np.asarray(p.weight, dtype=np.float64)
-    cout, cin_g = w.shape[:2]
-    channel = (np.arange(cout) // (cout // p.group))[:, None] * cin_g + np.arange(cin_g)[None, :]  # [Cout, Cin/g]
-    taps = tuple(range(2, w.ndim))
-    weight = w * scale[channel].reshape(channel.shape + (1,) * p.ndim)
-    bias = np.asarray(p.bias, dtype=np.float64) + (w.sum(axis=taps) * shift[channel]).sum(axis=1)
-    return replace(p, weight=weight, bias=bias)
+    cout, cin_g = p.weight.shape[:2]
+    g = p.group
+    # Viewed per group as [g, Cout/g, Cin/g, taps]: output o of group k reads input channels
+    # k * Cin/g + i. Contracted without an index array or a product as large as the weight
+    # (these weights can be hundreds of MB; docs/architecture.md, "Memory").
+    w = np.array(p.weight, dtype=np.float64).reshape(g, cout // g, cin_g, -1)
+    bias = np.asarray(p.bias, dtype=np.float64) + np.einsum("goit,gi->go", w, shift.reshape(g, cin_g)).reshape(cout)
+    w *= scale.reshape(g, 1, cin_g, 1)
+    return replace(p, weight=w.reshape(p.weight.shape), bias=bias)
 
 
 def affine_before_matmul(weight, bias, scale, shift):
@@ -401,9 +403,12 @@ def conv_patch_blocks(p: ConvParams, size: Sequence[int]) -> np.ndarray:
     matrix per group: blocks[g] maps the flattened (channel, position) values of group g's
     inputs to those of its outputs, y_flat = blocks[g] @ x_flat (+ the bias per channel).
 
-    Found by convolving the unit impulses of one group's input (zero padding, as Conv pads), so
-    it is exact for any kernel, dilation and pads. Shape [G, (Cout/G) * P, (Cin/G) * P], P the
-    number of positions. Declines a stride or pads that change the size.
+    Built entry by entry: output position q reads, through tap t, input position
+    q + t * dilation - pad_begin when that lies inside the image (zero padding reads nothing), so
+    blocks[g, (o, q), (i, q_in)] = W[g, o, i, t]. No two taps reach the same input position
+    from one output position, so every entry is one weight (or 0), exactly. Shape
+    [G, (Cout/G) * P, (Cin/G) * P], P the number of positions, in float64, with no temporary as
+    large as the result. Declines a stride or pads that change the size.
     """
     size = tuple(int(v) for v in size)
     n = p.ndim
@@ -417,17 +422,17 @@ def conv_patch_blocks(p: ConvParams, size: Sequence[int]) -> np.ndarray:
     w = np.asarray(p.weight, np.float64)
     cout_g, cin_g = w.shape[0] // g, w.shape[1]
     npos = math.prod(size)
-    # impulses: [cin_g * P, cin_g, *size], one per (input channel, position)
-    eye = np.eye(cin_g * npos).reshape((cin_g * npos, cin_g) + size)
-    padded = np.pad(eye, [(0, 0), (0, 0)] + [(p.pads[a], p.pads[n + a]) for a in range(n)])
     wg = w.reshape((g, cout_g, cin_g) + tuple(k))
-    out = np.zeros((g, cin_g * npos, cout_g) + size)
+    out = np.zeros((g, cout_g, npos, cin_g, npos))
+    where = np.indices(size).reshape(n, npos).T  # [P, n]: each output position's coordinates
     for tap in np.ndindex(*k):
-        window = tuple(slice(t * d, t * d + s) for t, d, s in zip(tap, p.dilations, size))
-        x = padded[(slice(None), slice(None)) + window]  # [impulse, i, *size]
-        out += np.einsum("goi,ni...->gno...", wg[(slice(None), slice(None), slice(None)) + tap], x)
-    # out[g, impulse (i, p_in), o, p_out] -> blocks[g, (o, p_out), (i, p_in)]
-    return out.reshape(g, cin_g * npos, cout_g * npos).transpose(0, 2, 1).copy()
+        src = where + np.array([t * d - p.pads[a] for a, (t, d) in enumerate(zip(tap, p.dilations))])
+        inside = np.all((src >= 0) & (src < np.array(size)), axis=1)
+        q_out = np.nonzero(inside)[0]
+        q_in = np.ravel_multi_index(tuple(src[inside].T), size)
+        # two index arrays around a slice: the indexed view is [len(q_out), g, Cout/G, Cin/G]
+        out[:, :, q_out, :, q_in] += wg[(slice(None), slice(None), slice(None)) + tap]
+    return out.reshape(g, cout_g * npos, cin_g * npos)
 
 
 # --------------------------------------------------------------------------------------

@@ -561,6 +561,18 @@ def test_conv_patch_blocks_equal_the_conv_on_that_image(ndim, group, cin, cout):
     np.testing.assert_allclose(got, y, **TIGHT)
 
 
+@pytest.mark.parametrize("pads", [(0, 0, 1, 1), (1, 0, 0, 1)], ids=["end", "mixed"])
+def test_conv_patch_blocks_with_uneven_same_padding(pads):
+    """An even kernel keeps the size with pads on one side only: the block reads from where the
+    padding begins."""
+    rng = np.random.default_rng(zlib.crc32(repr(pads).encode()))
+    p = ConvParams(rng.standard_normal((4, 2, 2, 2)), np.zeros(4), pads=pads, group=2)
+    x = rng.standard_normal((1, 4, 3, 4))
+    y = convnd_params_ref(x, p)
+    got = np.einsum("gij,ngj->ngi", conv_patch_blocks(p, (3, 4)), x.reshape(1, 2, 2 * 12)).reshape(y.shape)
+    np.testing.assert_allclose(got, y, **TIGHT)
+
+
 def test_conv_patch_blocks_decline_a_conv_that_resizes():
     p = ConvParams(np.ones((2, 2, 3, 3)), np.zeros(2), pads=(0, 0, 0, 0))
     with pytest.raises(Decline):
