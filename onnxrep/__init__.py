@@ -14,9 +14,9 @@ if importlib.util.find_spec("onnxruntime") is None:  # any build: onnxruntime, -
     raise ImportError("onnxrep needs an onnxruntime build: pip install 'onnxrep[cpu]' "
                       "(or onnxrep[gpu], onnxrep[directml], onnxrep[openvino])")
 
-from .core import optimize
+from .core import optimize, optimized
 from .errors import OnnxrepError, UsageError, VerificationError
 from .modelio import save
 from .report import Report
 
-__all__ = ["optimize", "save", "Report", "OnnxrepError", "UsageError", "VerificationError", "__version__"]
+__all__ = ["optimize", "optimized", "save", "Report", "OnnxrepError", "UsageError", "VerificationError", "__version__"]

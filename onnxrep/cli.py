@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import onnxruntime as ort
 
 from . import __version__, modelio, runtime
-from .core import optimize
+from .core import optimized
 from .errors import OnnxrepError, UsageError, VerificationError, first_line
 from .report import failure_dict
 from .rules import DEFAULT_RULES
@@ -320,7 +320,7 @@ def _run(args, output: str) -> int:
         # A report or model on stdout must stay parseable: the summary goes to stderr then.
         to_stdout = (args.report and _is_stdout(args.report)) or (not args.dry_run and _is_stdout(output))
         summary_stream = sys.stderr if to_stdout else sys.stdout
-        model, report = optimize(
+        with optimized(
             args.input,
             progress=progress,
             input_shapes=shapes,
@@ -334,24 +334,24 @@ def _run(args, output: str) -> int:
             seed=args.seed,
             allow_growth=args.allow_growth,
             rollback=not args.no_rollback,
-        )
-        progress.done()
-        report.input_bytes = _size([args.input, *in_data])
-        if args.no_verify:
-            print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
-        if not args.dry_run:
-            external = report.external_data or modelio.needs_external_data(model)
-            if output == STDOUT:
-                modelio.save(model, _stdout_bytes(), external)
-            else:
-                # Data files that must survive the replacement of the previous output: the
-                # input's (unless it is the file being replaced) and the report.
-                keep = [args.input, *([] if args.in_place else in_data),
-                        *([args.report] if args.report and args.report != STDOUT else [])]
-                data = modelio.save(model, output, external, keep=keep)
-                report.output_bytes = _size([output] + ([data] if data else []))
-            written.append(output)
-            report.output = output
+        ) as (model, report):  # a large result waits in a temporary file until it is written
+            progress.done()
+            report.input_bytes = _size([args.input, *in_data])
+            if args.no_verify:
+                print("onnxrep: WARNING: --no-verify: the result is NOT checked against the original", file=sys.stderr)
+            if not args.dry_run:
+                external = report.external_data or model.needs_external_data()
+                if output == STDOUT:
+                    modelio.save(model, _stdout_bytes(), external)
+                else:
+                    # Data files that must survive the replacement of the previous output: the
+                    # input's (unless it is the file being replaced) and the report.
+                    keep = [args.input, *([] if args.in_place else in_data),
+                            *([args.report] if args.report and args.report != STDOUT else [])]
+                    data = modelio.save(model, output, external, keep=keep)
+                    report.output_bytes = _size([output] + ([data] if data else []))
+                written.append(output)
+                report.output = output
         if args.report:
             try:
                 _write_report(args.report, json.dumps(report.to_dict(), indent=2) + "\n")

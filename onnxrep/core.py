@@ -3,11 +3,12 @@ back a failing rewrite) -> report. Nothing is written here; see :mod:`onnxrep.cl
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import onnx
 
@@ -22,6 +23,7 @@ from .report import Report
 from .rules import select_rules
 from .runtime import release_memory
 from .stats import model_stats
+from .store import StoredModel
 from .verify import Verifier
 
 
@@ -68,34 +70,49 @@ def optimize(
         (optimized model, Report). Raises OnnxrepError (VerificationError) on bad input or when
         no verified result can be produced.
     """
-    options = _Options(input_shapes, rtol, atol, only, skip, enable, verify, verify_draws, seed, allow_growth, rollback,
-                       progress or _silent)
+    with optimized(model, input_shapes=input_shapes, rtol=rtol, atol=atol, only=only, skip=skip, enable=enable,
+                   verify=verify, verify_draws=verify_draws, seed=seed, allow_growth=allow_growth, rollback=rollback,
+                   progress=progress) as (stored, report):
+        return stored.load(), report
+
+
+@contextlib.contextmanager
+def optimized(model: Union[str, "os.PathLike[str]", bytes, onnx.ModelProto], **options
+              ) -> Iterator[Tuple[StoredModel, Report]]:
+    """:func:`optimize` (same arguments) for a caller that writes the result to a file: yields
+    the result as a :class:`~onnxrep.store.StoredModel`, whose weights a large result keeps in a
+    temporary file until the ``with`` block ends, and the report. ``modelio.save`` writes it
+    without loading it whole (docs/architecture.md, "Memory")."""
+    o = _Options(**options)  # a TypeError names an unknown option
     with quiet_graphsurgeon():
-        return _optimize(model, options)
+        stored, report = _optimize(model, o)
+    with stored:
+        yield stored, report
 
 
 @dataclass(frozen=True)
-class _Options:
-    input_shapes: Optional[Dict[str, Sequence[int]]]
-    rtol: Optional[float]
-    atol: Optional[float]
-    only: Optional[Iterable[str]]
-    skip: Optional[Iterable[str]]
-    enable: Optional[Iterable[str]]
-    verify: bool
-    verify_draws: int
-    seed: int
-    allow_growth: bool
-    rollback: bool
-    progress: Callable[..., None]
+class _Options:  # optimize()'s keyword arguments, with the same defaults
+    input_shapes: Optional[Dict[str, Sequence[int]]] = None
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    only: Optional[Iterable[str]] = None
+    skip: Optional[Iterable[str]] = None
+    enable: Optional[Iterable[str]] = None
+    verify: bool = True
+    verify_draws: int = 5
+    seed: int = 0
+    allow_growth: bool = False
+    rollback: bool = True
+    progress: Optional[Callable[..., None]] = None
 
 
 def _silent(stage: str, count: Optional[int] = None) -> None:
     pass
 
 
-def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.ModelProto, Report]:
+def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[StoredModel, Report]:
     t0 = time.perf_counter()
+    progress = o.progress or _silent
     external = False
     notes: list = []
     if isinstance(model, (str, os.PathLike)):
@@ -128,7 +145,7 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
     verify_time = 0.0
     if o.verify:
         t2 = time.perf_counter()
-        o.progress("verifying")
+        progress("verifying")
         verifier = Verifier(original, shapes, label, rtol=o.rtol, atol=o.atol, draws=o.verify_draws, seed=o.seed)
         release_memory()
         verify_time = time.perf_counter() - t2
@@ -136,53 +153,60 @@ def _optimize(model: Union[str, onnx.ModelProto], o: _Options) -> Tuple[onnx.Mod
     # Normalize once; every build (the first, and each replay while locating a rewrite
     # that fails verification) starts from a copy of the normalized graph.
     t1 = time.perf_counter()
-    o.progress("normalizing")
+    progress("normalizing")
     normalized = normalize(import_graph(original))
     known_shapes = tensor_shapes(normalized, original, shapes)  # complete where inference alone is not
 
     shared: dict = {}  # content-keyed results that replays reuse (passes.Context.shared)
 
-    def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[onnx.ModelProto, PassResult]:
+    def build(deny: FrozenSet[RewriteKey], limit: Optional[int] = None) -> Tuple[StoredModel, PassResult]:
         graph = normalized.copy()
-        o.progress("rewriting")
+        progress("rewriting")
         ctx = Context(RepGraph(graph, resolved=known_shapes), allow_growth=o.allow_growth, shared=shared,
-                      on_rewrite=lambda n: o.progress("rewriting", n))
+                      on_rewrite=lambda n: progress("rewriting", n))
         result = run_to_fixpoint(ctx, rules, deny, limit)
         model = export(graph, original, consume=True)
         del ctx, graph
         gc.collect()  # the rewritten graph holds itself in cycles (graph.COLLECT_BYTES): free its weights now
-        return model, result
+        # While it is verified, a large result waits in a temporary file that onnxruntime maps,
+        # and only its light copy is in memory next to the original (docs/architecture.md).
+        return StoredModel(model, spill=verifier is not None), result
 
+    report.before = model_stats(original, shapes, known_shapes)
     candidate, result = build(frozenset())
     report.timings["optimize"] = time.perf_counter() - t1
 
-    if verifier is not None:
-        t2 = time.perf_counter()
-        o.progress("verifying")
-        check = verifier.check(candidate)
-        deny: FrozenSet[RewriteKey] = frozenset()
-        while not check.ok:
-            if not result.rewrites:
-                raise VerificationError(f"{label}: {check.describe()}")
-            o.progress("locating a failing rewrite")
-            bad = _locate(build, verifier, deny, result, check, label)
-            if not o.rollback:
-                raise VerificationError(
-                    f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
-                )
-            report.rolled_back.append(bad)
-            deny = deny | {bad.key}
-            candidate, result = build(deny)
+    try:
+        if verifier is not None:
+            t2 = time.perf_counter()
+            progress("verifying")
             check = verifier.check(candidate)
-        report.verification = check
-        report.timings["verify"] = verify_time + time.perf_counter() - t2
-    else:
-        report.warnings.append("verification skipped (--no-verify): the result was NOT checked against the original")
+            deny: FrozenSet[RewriteKey] = frozenset()
+            while not check.ok:
+                if not result.rewrites:
+                    raise VerificationError(f"{label}: {check.describe()}")
+                candidate.close()
+                progress("locating a failing rewrite")
+                bad = _locate(build, verifier, deny, result, check, label)
+                if not o.rollback:
+                    raise VerificationError(
+                        f"{label}: node '{bad.anchor}': rewrite {bad.rule} fails verification; {check.describe()}"
+                    )
+                report.rolled_back.append(bad)
+                deny = deny | {bad.key}
+                candidate, result = build(deny)
+                check = verifier.check(candidate)
+            report.verification = check
+            report.timings["verify"] = verify_time + time.perf_counter() - t2
+        else:
+            report.warnings.append("verification skipped (--no-verify): the result was NOT checked against the original")
+    except BaseException:
+        candidate.close()
+        raise
 
     report.rewrites = result.rewrites
     report.declines = result.declines
-    report.before = model_stats(original, shapes, known_shapes)
-    report.after = model_stats(candidate, shapes, known_shapes)
+    report.after = model_stats(candidate.light, shapes, known_shapes)
     if report.after.flops > report.before.flops and not o.allow_growth:
         report.warnings.append(f"FLOPs grew from {report.before.flops} to {report.after.flops}")
     report.timings["total"] = time.perf_counter() - t0
@@ -210,24 +234,28 @@ def _locate(build, verifier: Verifier, deny, result: PassResult, check, label: s
     n = len(result.rewrites)
     node = getattr(getattr(check, "first_divergence", None), "node", None)
     suspect = next((i for i in range(n - 1, -1, -1) if node in result.rewrites[i].created), None)
-    if suspect is not None:
-        if verifier.check(build(deny, suspect)[0]).ok and not verifier.check(build(deny, suspect + 1)[0]).ok:
-            return result.rewrites[suspect]
-    return _bisect(build, verifier, deny, n, label)
+
+    def passes(prefix: int) -> bool:
+        """Whether the first ``prefix`` rewrites (those not denied) pass verification."""
+        with build(deny, prefix)[0] as model:
+            return verifier.check(model).ok
+
+    if suspect is not None and passes(suspect) and not passes(suspect + 1):
+        return result.rewrites[suspect]
+    return _bisect(build, passes, deny, n, label)
 
 
-def _bisect(build, verifier: Verifier, deny, n: int, label: str):
+def _bisect(build, passes, deny, n: int, label: str):
     """The first rewrite whose prefix fails verification (prefix 0 must pass)."""
-    model, _ = build(deny, 0)
-    if not verifier.check(model).ok:
+    if not passes(0):
         raise VerificationError(f"{label}: the model differs from the original already after normalization")
     lo, hi = 0, n  # prefix lo passes, prefix hi fails
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        model, _ = build(deny, mid)
-        if verifier.check(model).ok:
+        if passes(mid):
             lo = mid
         else:
             hi = mid
-    _, result = build(deny, hi)
+    model, result = build(deny, hi)
+    model.close()
     return result.rewrites[hi - 1]

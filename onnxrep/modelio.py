@@ -29,15 +29,12 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 from typing import BinaryIO, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx.external_data_helper import set_external_data
 
-from . import runtime
 from .errors import OnnxrepError
 
 #: Above this many bytes of tensor data a model is written and run with external data.
@@ -62,12 +59,12 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        size = _ITEMSIZE.get(t.data_type) if t.HasField("raw_data") else None
+        size = ITEMSIZE.get(t.data_type) if t.HasField("raw_data") else None
         total += math.prod(t.dims) * size if size else t.ByteSize()
     return total
 
 
-_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in (
+ITEMSIZE = {k: np.dtype(v).itemsize for k, v in (
     (onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.DOUBLE, np.float64), (onnx.TensorProto.FLOAT16, np.float16),
     (onnx.TensorProto.BFLOAT16, np.uint16), (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.UINT8, np.uint8),
     (onnx.TensorProto.INT16, np.int16), (onnx.TensorProto.UINT16, np.uint16), (onnx.TensorProto.INT32, np.int32),
@@ -312,7 +309,7 @@ def _file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
-def _write_all(fd: int, data) -> None:
+def write_all(fd: int, data) -> None:
     """Write bytes, or each of an iterable of bytes (serialized_chunks), to ``fd``."""
     for piece in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data):
         view = memoryview(piece)
@@ -348,7 +345,7 @@ def _made_by_onnxrep(path: str, base: str) -> bool:
     return re.fullmatch(re.escape(base) + r"(?:\.[0-9a-f]{8})?\.data", os.path.basename(path)) is not None
 
 
-def _move_tensors(model: onnx.ModelProto, fd: int, location: str) -> None:
+def move_tensors(model: onnx.ModelProto, fd: int, location: str) -> None:
     """Write the raw data of ``model``'s large initializers to ``fd`` and make those tensors
     refer to ``location`` instead (``model`` is changed: pass a copy)."""
     offset = 0
@@ -358,13 +355,14 @@ def _move_tensors(model: onnx.ModelProto, fd: int, location: str) -> None:
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_TENSOR_MIN_BYTES:
             continue
         size = len(tensor.raw_data)
-        _write_all(fd, tensor.raw_data)
+        write_all(fd, tensor.raw_data)
         set_external_data(tensor, location, offset, size)
         tensor.ClearField("raw_data")
         offset += size
 
 
-def _write_through(t: Target, data: bytes) -> None:
+def _write_through(t: Target, data) -> None:
+    """Write ``data`` (bytes, or an iterable of bytes) straight to a device, FIFO or descriptor."""
     if t.kind == "fd":
         for stream in (sys.stdout, sys.stderr):  # what Python buffered goes first
             try:
@@ -372,11 +370,11 @@ def _write_through(t: Target, data: bytes) -> None:
                     stream.flush()
             except (OSError, ValueError, AttributeError):
                 pass
-        _write_all(t.fd, data)
+        write_all(t.fd, data)
         return
     fd = os.open(t.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # a FIFO waits for its reader
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     finally:
         os.close(fd)
 
@@ -447,7 +445,7 @@ def _replace_file(path: str, real: str, payload: Callable[[Optional[str], Option
             blob = payload(None, None)
         fd, model_tmp = temp()
         try:
-            _write_all(fd, blob)
+            write_all(fd, blob)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -496,9 +494,10 @@ def _remove(paths: List[str]) -> None:
         raise interrupted
 
 
-def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], external: Optional[bool] = None,
+def save(model, path: Union[str, os.PathLike, BinaryIO], external: Optional[bool] = None,
          keep: Iterable[str] = ()) -> Optional[str]:
-    """Write ``model`` to ``path`` and return the path of its data file (None without one).
+    """Write ``model`` (a ModelProto or a :class:`onnxrep.store.StoredModel`) to ``path`` and
+    return the path of its data file (None without one).
 
     ``external`` (default: when the model is too large for one protobuf) puts tensors of
     1 KiB or more in a data file beside the model, named ``<model file>.<8 hex>.data``.
@@ -508,14 +507,20 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], extern
     removed if onnxrep made it (its name says so) and it is none of ``keep``.
     ``model`` itself is not changed. Errors are a one-line :class:`OnnxrepError`.
     """
+    proto = isinstance(model, onnx.ModelProto)
     if external is None:
-        external = needs_external_data(model)
+        external = needs_external_data(model) if proto else model.needs_external_data()
+
+    def chunks() -> Iterator[bytes]:  # written one tensor at a time
+        return serialized_chunks(model) if proto else model.serialized_chunks()
+
     if not isinstance(path, (str, os.PathLike)):
         name = getattr(path, "name", "<stream>")
         if external:
             raise OnnxrepError(f"{name}: not a regular file; a model with external data needs one")
         try:
-            path.write(model.SerializeToString())
+            for piece in chunks():
+                path.write(piece)
             path.flush()
         except OSError as exc:
             raise _error(str(name), exc) from exc
@@ -524,17 +529,19 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike, BinaryIO], extern
     t = check_writable(path, external)
     if t.kind != "file":
         try:
-            _write_through(t, model.SerializeToString())
+            _write_through(t, chunks())
         except OSError as exc:
             raise _error(path, exc) from exc
         return None
 
     def payload(location: Optional[str], fd: Optional[int]):
         if location is None:
-            return serialized_chunks(model)  # written one tensor at a time
+            return chunks()
+        if not proto:
+            return model.external_payload(location, fd)
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # the tensors of the copy become references
-        _move_tensors(copy, fd, location)
+        move_tensors(copy, fd, location)
         return copy.SerializeToString()
 
     return _replace_file(path, t.path, payload, external, list(keep))
@@ -553,11 +560,26 @@ def write_text(path: str, text: str) -> None:
     _replace_file(path, t.path, lambda location, fd: data, False, ())
 
 
-#: Serialized size from which a session is opened from a temporary file rather than from
-#: bytes: onnxruntime keeps a second copy of the weights when given bytes (measured: 2x the
-#: model's size at rest, plus the bytes themselves while it parses), but only one when given a
-#: path. Below this size the file round trip costs more than the memory is worth.
+#: Bytes of weights from which a model is held by a temporary file while onnxruntime runs it
+#: (:mod:`onnxrep.store`): onnxruntime keeps a second copy of the weights when given bytes
+#: (measured: 2x the model's size at rest, plus the bytes themselves while it parses), and
+#: maps them from a data file. Below this size the file round trip costs more than the memory
+#: is worth.
 FILE_SESSION_BYTES = 32 << 20
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its top graph's initializers (nothing else is left out)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            copy_field(out.graph, fd, value)
+    if model.HasField("graph"):
+        out.graph.SetInParent()
+    return out
 
 
 def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
@@ -566,17 +588,7 @@ def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
     tensor, which protobuf appends to ``graph.initializer`` when parsing. Writing them one by one
     holds one tensor's bytes at a time, where ``SerializeToString`` holds the whole model (twice,
     while Python copies protobuf's buffer). ``model`` is not changed."""
-    skeleton = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _copy_field(skeleton, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _copy_field(skeleton.graph, fd, value)
-    if model.HasField("graph"):
-        skeleton.graph.SetInParent()
-    yield skeleton.SerializeToString()
-    del skeleton
+    yield skeleton(model).SerializeToString()
     for tensor in model.graph.initializer:
         piece = onnx.ModelProto()
         piece.graph.initializer.add().CopyFrom(tensor)
@@ -585,50 +597,10 @@ def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
         yield data
 
 
-def _copy_field(message, fd, value) -> None:
+def copy_field(message, fd, value) -> None:
     if hasattr(value, "CopyFrom"):  # a message
         getattr(message, fd.name).CopyFrom(value)
     elif hasattr(value, "extend"):  # a repeated field (protobuf versions differ in how they say so)
         getattr(message, fd.name).extend(value)
     else:
         setattr(message, fd.name, value)
-
-
-def session(model: onnx.ModelProto, options: ort.SessionOptions,
-            extra_outputs: Sequence[onnx.ValueInfoProto] = ()) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model of any size.
-
-    ``extra_outputs`` are appended to the graph's outputs without copying the model: a
-    serialized ``ModelProto`` holding only those outputs is concatenated to the model's
-    serialization, which protobuf parses as the model with the outputs appended
-    (docs/files.md, "Sessions").
-
-    Silent whatever ``options`` say (their log severity is set to fatal-only): onnxruntime's
-    errors reach the caller as exceptions reduced to one readable line, at creation and from
-    ``run`` alike (see :mod:`onnxrep.runtime`).
-    """
-    providers = ["CPUExecutionProvider"]
-    extra = b""
-    if extra_outputs:
-        extra = onnx.ModelProto(graph=onnx.GraphProto(output=list(extra_outputs))).SerializeToString()
-    size = tensor_bytes(model)
-    external = size > EXTERNAL_DATA_THRESHOLD
-    if not external and size < FILE_SESSION_BYTES:
-        return runtime.open_session(model.SerializeToString() + extra, options, providers)
-    try:
-        with tempfile.TemporaryDirectory(prefix="onnxrep-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            if external:
-                save(model, path, True)
-            else:
-                with open(path, "wb") as f:
-                    for chunk in serialized_chunks(model):  # one tensor's bytes at a time
-                        f.write(chunk)
-            if extra:
-                with open(path, "ab") as f:
-                    f.write(extra)
-            return runtime.open_session(path, options, providers)
-    except OSError:  # no room for the temporary file: a model that fits in one protobuf goes by bytes
-        if external:
-            raise
-        return runtime.open_session(model.SerializeToString() + extra, options, providers)

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from . import modelio
+from . import store
 from .errors import first_line
 from .kernels import ConvParams, Decline
 
@@ -58,7 +58,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # probes may fail by design (a region tried at another size)
-    return modelio.session(model, opts)
+    return store.session(model, opts)
 
 
 _QUIET = ort.RunOptions()

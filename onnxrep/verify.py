@@ -27,15 +27,17 @@ See docs/verification.md for the reasoning; in short:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from . import modelio
+from . import modelio, store
+from .store import StoredModel
 from .errors import OnnxrepError, first_line
 
 #: (rtol, floor_rel) by computation dtype. float16: 1e-2 is about ten float16 ulps (eps 2^-10)
@@ -202,13 +204,17 @@ class VerifyResult:
 # --------------------------------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto, label: str, extra: Sequence[Tuple[str, int]] = ()) -> ort.InferenceSession:
-    """A session on ``model`` that also outputs ``extra`` ((name, elem_type) pairs)."""
+def _session(model: Union[onnx.ModelProto, StoredModel], label: str, extra: Sequence[Tuple[str, int]] = (),
+             light: Optional[onnx.ModelProto] = None) -> ort.InferenceSession:
+    """A session on ``model`` (or on ``light``, a variant of a stored model's light copy) that
+    also outputs ``extra`` ((name, elem_type) pairs)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:
-        return modelio.session(model, opts, _outputs(extra))
+        if isinstance(model, StoredModel):
+            return model.session(opts, _outputs(extra), light)
+        return store.session(model, opts, _outputs(extra))
     except Exception as exc:
         raise OnnxrepError(
             f"{label}: onnxruntime cannot run this model, so it cannot be verified ({first_line(exc)}); "
@@ -506,6 +512,55 @@ def perturbed(model: onnx.ModelProto, types: Dict[str, Tuple[int, Optional[List[
 # The verifier
 # --------------------------------------------------------------------------------------
 
+#: Reference values kept in memory up to this many bytes (intermediate tensors over all draws
+#: and shapes); beyond it each draw's values wait in a file of a temporary folder and are read
+#: back for the draw being compared, so that a check holds one draw's values at a time.
+STORED_RUNS_BYTES = 32 << 20
+
+
+class _RunOnDisk:
+    """One draw's reference values (name -> array) in a file (see STORED_RUNS_BYTES). Raw
+    bytes, with dtypes and shapes kept here: any dtype (bfloat16 included) reads back as it was."""
+
+    def __init__(self, values: Dict[str, np.ndarray], path: str):
+        self.path = path
+        self._where: Dict[str, Tuple[int, np.dtype, Tuple[int, ...]]] = {}
+        offset = 0
+        with open(path, "wb") as f:
+            for name, value in values.items():
+                value = np.ascontiguousarray(value)
+                f.write(value.tobytes())
+                self._where[name] = (offset, value.dtype, value.shape)
+                offset += value.nbytes
+
+    def drop(self, name: str) -> int:
+        """Forget ``name``; the bytes it took (0 when absent)."""
+        where = self._where.pop(name, None)
+        return 0 if where is None else where[1].itemsize * math.prod(where[2])
+
+    def load(self) -> Dict[str, np.ndarray]:
+        out = {}
+        with open(self.path, "rb") as f:
+            for name, (offset, dtype, shape) in self._where.items():
+                f.seek(offset)
+                count = math.prod(shape)
+                data = f.read(dtype.itemsize * count)
+                out[name] = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        return out
+
+
+def _drop(run, name: str) -> int:
+    """Remove ``name`` from one draw's values (a dict or a _RunOnDisk); the bytes freed."""
+    if isinstance(run, _RunOnDisk):
+        return run.drop(name)
+    value = run.pop(name, None)
+    return 0 if value is None else value.nbytes
+
+
+def _values(run) -> Dict[str, np.ndarray]:
+    return run.load() if isinstance(run, _RunOnDisk) else run
+
+
 
 class Verifier:
     """Runs the reference once per draw and shape, keeps its outputs and intermediate tensors,
@@ -595,7 +650,10 @@ class Verifier:
 
         self.shapes: List[Dict[str, List[int]]] = []
         self.feeds: List[List[dict]] = []
-        self._expected: List[List[Dict[str, np.ndarray]]] = []  # [shape][draw] -> name -> value
+        #: [shape][draw] -> name -> value (a dict, or a _RunOnDisk: STORED_RUNS_BYTES)
+        self._expected: List[list] = []
+        self._folder = None  # a temporary folder, once runs are stored on disk
+        self._runs_on_disk = 0
         self._constants: Dict[str, np.ndarray] = {}  # input-independent taps, stored once
         #: [shape] -> name -> max|ref| over the unit-scale draws (the floor's reference)
         self._scale: List[Dict[str, float]] = []
@@ -626,46 +684,63 @@ class Verifier:
             )
 
     def _add_shape(self, session, shapes: Dict[str, List[int]], feeds: List[dict]) -> None:
-        """Run every draw at one input shape and keep what is compared (nothing when it fails)."""
+        """Run every draw at one input shape and keep what is compared (nothing when it fails).
+        When the values kept would exceed STORED_RUNS_BYTES, each draw's values go to disk as
+        soon as they are computed, so that at most one draw's values are in memory."""
         names = self.output_names + self._taps
-        results = [dict(zip(names, session.run(names, feed))) for feed in feeds]
         scale: Dict[str, float] = {}
-        runs: List[Dict[str, np.ndarray]] = []
-        for kind, values in zip(self.draw_kinds, results):
+        runs: list = []
+        constants: Dict[str, np.ndarray] = {}
+        added = 0  # bytes of intermediate values this shape adds
+        for kind, feed in zip(self.draw_kinds, feeds):
+            values = dict(zip(names, session.run(names, feed)))
             if kind != "large":
                 for name, value in values.items():
                     scale[name] = max(scale.get(name, 0.0), _magnitude(value))
             stored: Dict[str, np.ndarray] = {}
             for name, value in values.items():
                 if name in self._tap_types and name not in self._dependent:
-                    if name not in self._constants:
-                        self._constants[name] = value
-                        self._stored += value.nbytes
+                    if name not in self._constants and name not in constants:
+                        constants[name] = value
+                        added += value.nbytes
                     continue
                 stored[name] = value
                 if name in self._tap_types:
-                    self._stored += value.nbytes
-            runs.append(stored)
-        del results
+                    added += value.nbytes
+            del values
+            if not runs:  # the first draw tells how much every draw adds
+                on_disk = self._stored + added * len(feeds) > STORED_RUNS_BYTES
+            runs.append(self._to_disk(stored) if on_disk else stored)
+            del stored
+        self._constants.update(constants)
+        self._stored += added
         self._trim(runs)
         self.shapes.append({k: list(v) for k, v in shapes.items()})
         self.feeds.append(feeds)
         self._expected.append(runs)
         self._scale.append(scale)
 
-    def _trim(self, current: List[Dict[str, np.ndarray]]) -> None:
+    def _trim(self, current: list) -> None:
         """Drop the last kept taps (in node order) until the stored values fit the budget."""
         while self._stored > self._budget and self._taps:
             name = self._taps.pop()
             del self._tap_types[name]
             for runs in self._expected + [current]:
                 for stored in runs:
-                    value = stored.pop(name, None)
-                    if value is not None:
-                        self._stored -= value.nbytes
+                    self._stored -= _drop(stored, name)
             value = self._constants.pop(name, None)
             if value is not None:
                 self._stored -= value.nbytes
+
+    def _to_disk(self, run: Dict[str, np.ndarray]):
+        """``run`` written to the verifier's temporary folder (``run`` itself when it cannot be)."""
+        try:
+            if self._folder is None:
+                self._folder = store.temporary_folder()
+            self._runs_on_disk += 1
+            return _RunOnDisk(run, os.path.join(self._folder.name, f"run-{self._runs_on_disk}.bin"))
+        except OSError:  # no room: kept in memory
+            return run
 
     def _measure_noise(self) -> bool:
         """Measure the original's own rounding noise at every draw and shape (NOISE_AMPLITUDE):
@@ -678,16 +753,18 @@ class Verifier:
         names = self.output_names + self._taps
         taps = [(n, self._tap_types[n]) for n in self._taps]
         noise: List[List[Dict[str, np.ndarray]]] = [[{} for _ in feeds] for feeds in self.feeds]
+        held = None
         try:
             types = _tensor_types(self._reference, self.shapes[0])
+            held = StoredModel(self._reference)  # the perturbed models differ in their nodes only
             for r in range(NOISE_REALIZATIONS):
-                model = perturbed(self._reference, types, amplitude, self._seed * NOISE_REALIZATIONS + r)
-                session = _session(model, self.label, taps)
+                model = perturbed(held.light, types, amplitude, self._seed * NOISE_REALIZATIONS + r)
+                session = _session(held, self.label, taps, light=model)
                 del model
                 for s, (feeds, expected) in enumerate(zip(self.feeds, self._expected)):
-                    for d, (feed, ref) in enumerate(zip(feeds, expected)):
+                    for d, (feed, run) in enumerate(zip(feeds, expected)):
                         values = dict(zip(names, session.run(names, feed)))
-                        for name, ref_value in ref.items():
+                        for name, ref_value in _values(run).items():
                             diff = channel_max_diff(values[name], ref_value) if name in values else None
                             if diff is not None:
                                 prev = noise[s][d].get(name)
@@ -696,6 +773,9 @@ class Verifier:
         except Exception as exc:  # noqa: BLE001 - an unmeasured noise only leaves the plain criterion
             self.notes.append(f"the original's rounding noise could not be measured ({first_line(exc)})")
             return False
+        finally:
+            if held is not None:
+                held.close()
         self._noise = noise
         self.notes.append(
             f"a check first failed within rounding: from then on each channel may also differ by "
@@ -710,12 +790,16 @@ class Verifier:
         """Names compared when present in a candidate: the outputs, then intermediates."""
         return self.output_names + self._taps
 
-    def check(self, candidate: onnx.ModelProto) -> VerifyResult:
+    def check(self, candidate: Union[onnx.ModelProto, StoredModel]) -> VerifyResult:
+        """Compare ``candidate`` (a model, or a stored one: its weights are then read from its
+        data file by onnxruntime, and never held in memory here) with the reference."""
+        held = candidate if isinstance(candidate, StoredModel) else None
+        model = held.light if held is not None else candidate
         result = VerifyResult(
             ok=True, rtol=self.rtol, atol=self.atol, draws=self.draws, floor_rel=self.floor_rel, dtype=self.dtype,
             draw_kinds=list(self.draw_kinds_text), shapes=[dict(s) for s in self.shapes], notes=list(self.notes),
         )
-        names = [o.name for o in candidate.graph.output]
+        names = [o.name for o in model.graph.output]
         if names != self.output_names:
             result.ok = False
             result.outputs.append(TensorCheck(",".join(names), float("inf"), 0.0, False, "output names changed",
@@ -723,13 +807,13 @@ class Verifier:
             return result
 
         position: Dict[str, Tuple[int, str, str]] = {}
-        for i, node in enumerate(candidate.graph.node):
+        for i, node in enumerate(model.graph.node):
             for o in node.output:
                 if o:
                     position[o] = (i, node.name, node.op_type)
-        initializers = {t.name: t for t in candidate.graph.initializer}
+        initializers = {t.name: t for t in model.graph.initializer}
         outputs = set(self.output_names)
-        cand_types = _tensor_types(candidate, self.shapes[0]) if self._taps else {}
+        cand_types = _tensor_types(model, self.shapes[0]) if self._taps else {}
         taps, incomparable = [], []
         for name in self._taps:
             if name in position:
@@ -775,7 +859,8 @@ class Verifier:
         first_run = True
         for s, (shape, feeds, expected, scale) in enumerate(zip(self.shapes, self.feeds, self._expected, self._scale)):
             shape_text = _shape_text(shape)
-            for d, (kind, feed, ref) in enumerate(zip(self.draw_kinds_text, feeds, expected)):
+            for d, (kind, feed, run) in enumerate(zip(self.draw_kinds_text, feeds, expected)):
+                ref = _values(run)
                 noise = self._noise[s][d] if self._noise is not None else {}
                 missing = cand_inputs - set(feed)
                 if missing:
@@ -791,7 +876,7 @@ class Verifier:
                         record(name, failed, kind, shape_text)
                     break
                 values = dict(zip(run_names, got))
-                values.update((n, numpy_helper.to_array(initializers[n])) for n in init_taps)
+                values.update((n, held.array(n) if held is not None else numpy_helper.to_array(initializers[n])) for n in init_taps)
                 for name, y in values.items():
                     ref_value = ref.get(name)
                     if ref_value is None and first_run:  # input-independent: compared once

@@ -50,3 +50,18 @@ def test_save_writes_atomically_and_round_trips(tmp_path):
     assert onnxrep.save(out, target) is None  # no data file for a small model
     assert onnx.load(str(target)).SerializeToString() == out.SerializeToString()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.rep.onnx"]
+
+
+def test_optimized_hands_over_the_result_for_writing(tmp_path, monkeypatch):
+    from onnxrep import modelio
+
+    monkeypatch.setattr(modelio, "FILE_SESSION_BYTES", 1)  # store even this small model
+    want, _ = onnxrep.optimize(MODEL)
+    with onnxrep.optimized(MODEL, only=None) as (model, report):
+        assert model.spilled and report.verification.ok
+        assert onnxrep.save(model, tmp_path / "out.onnx") is None
+    assert not model.spilled  # its temporary folder is gone
+    assert onnx.load(str(tmp_path / "out.onnx")).SerializeToString() == want.SerializeToString()
+    with pytest.raises(TypeError, match="verfy"):
+        with onnxrep.optimized(MODEL, verfy=False):
+            pass

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import GraphBuilder, assert_same_outputs, ops
 
 import onnxrep
-from onnxrep import cli, modelio, runtime
+from onnxrep import cli, runtime, store
 from onnxrep.errors import OnnxrepError
 from onnxrep.normalize import load_model, validate
 
@@ -113,7 +113,7 @@ def test_onnxruntime_error_is_one_line(make, needle, tmp_path):
 def test_session_is_silent_whatever_the_options(capfd):
     opts = ort.SessionOptions()
     opts.log_severity_level = 0  # verbose
-    sess = modelio.session(reshape_to_input_shape(), opts)
+    sess = store.session(reshape_to_input_shape(), opts)
     assert opts.log_severity_level == runtime.QUIET
     with pytest.raises(Exception) as info:
         sess.run(None, {"x": np.zeros((1, 4, 8, 8), np.float32), "shape": np.array([5, 7], np.int64)})
@@ -340,7 +340,7 @@ def test_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise MemoryError("Unable to allocate 768. GiB for an array with shape (1, 3, 16, 2147483648)")
 
-    monkeypatch.setattr(cli, "optimize", boom)
+    monkeypatch.setattr(cli, "optimized", boom)
     path = save(block_model(), tmp_path / "m.onnx")
     assert_one_line(*run_cli(path), str(path), "out of memory", "768. GiB")
 

@@ -19,7 +19,7 @@ from onnx import helper
 import onnxrep
 from helpers import GraphBuilder, ops, random_feeds, run
 from onnxrep import graph as graph_module
-from onnxrep import modelio
+from onnxrep import modelio, store
 from onnxrep.graph import RepGraph
 from onnxrep.normalize import import_graph, normalize
 from onnxrep.passes import Context, run_to_fixpoint
@@ -49,7 +49,7 @@ def test_session_appends_outputs_without_copying_the_model(monkeypatch, via_file
     inner = [n.output[0] for n in model.graph.node if n.op_type == "Add"][:2]
     extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inner]
     before = model.SerializeToString()
-    session = modelio.session(model, _opts(), extra)
+    session = store.session(model, _opts(), extra)
     assert model.SerializeToString() == before  # the model itself is untouched
     names = [o.name for o in session.get_outputs()]
     assert names == [model.graph.output[0].name] + inner
@@ -73,7 +73,7 @@ def test_session_falls_back_to_bytes_when_no_temporary_file_can_be_written(monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tempfile, "TemporaryDirectory", no_room)
-    session = modelio.session(model, _opts())
+    session = store.session(model, _opts())
     feeds = random_feeds(model)
     np.testing.assert_array_equal(session.run(None, feeds)[0], run(model, feeds)[0])
 
