@@ -60,6 +60,16 @@ def is_float_dtype(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity, without a temporary as large as it: the
+    smallest and largest values are finite exactly then (a NaN makes both NaN)."""
+    if values.size == 0:
+        return True
+    if values.dtype.kind != "f":  # bfloat16 and the like: through float64
+        values = values.astype(np.float64)
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
 def producer(t: Tensor) -> Optional[gs.Node]:
     return t.inputs[0] if t.inputs else None
 
@@ -217,7 +227,7 @@ class RepGraph:
         casting back to float16) decline the rewrite instead of entering the model.
         """
         values = np.ascontiguousarray(np.asarray(values).astype(dtype))
-        if is_float_dtype(values.dtype) and not np.all(np.isfinite(values.astype(np.float64))):
+        if is_float_dtype(values.dtype) and not _all_finite(values):
             raise Decline(f"folded values for '{base}' are not finite in {np.dtype(dtype).name}")
         return gs.Constant(self.unique(base), values)
 

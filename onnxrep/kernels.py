@@ -349,7 +349,9 @@ def merge_parallel(
         if p.weight.shape[0] != branches[0].weight.shape[0]:
             raise Decline(f"different output channels {branches[0].weight.shape[0]} vs {p.weight.shape[0]}")
     window, offsets = common_window(branches, allow_growth, input_size)
-    w = sum(_placed(p, window, off) for p, off in zip(branches, offsets))
+    w = np.zeros(branches[0].weight.shape[:2] + window.kernel_shape)
+    for p, off in zip(branches, offsets):  # summed in place: no kernel-sized copy per branch
+        w[_window(off, p.extent)] += dense_kernel(np.asarray(p.weight, np.float64), p.dilations)
     b = sum(np.asarray(p.bias, np.float64) for p in branches)
     return replace(window, weight=w, bias=b)
 

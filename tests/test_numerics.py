@@ -106,3 +106,24 @@ def test_batchnorm_spatial_0_folds_only_when_per_channel(vary):
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
     assert_equal_per_channel(model, out, feeds)
     assert run(out, feeds)[0].shape == (1, 4, 5, 5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_constant_that_is_not_finite_anywhere_is_refused(dtype, bad):
+    """RepGraph.constant's finiteness check finds one bad value among many, in every float dtype
+    (it looks at the extremes instead of making a copy as large as the weight)."""
+    import ml_dtypes
+
+    from onnxrep.errors import Decline
+    from onnxrep.graph import RepGraph
+    from onnxrep.normalize import import_graph
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    b = GraphBuilder([1, 2, 4, 4])
+    g = RepGraph(import_graph(b.build(b.node("Relu", [b.x]))))
+    values = np.linspace(-3, 3, 1000)
+    assert g.constant("ok", values, np_dtype).values.dtype == np_dtype
+    values[617] = bad
+    with pytest.raises(Decline, match="not finite"):
+        g.constant("bad", values, np_dtype)
