@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from . import modelio, runtime
+from .errors import OnnxrepError
 
 #: The data file's name inside the store's folder.
 DATA_NAME = "weights.bin"
@@ -61,10 +62,13 @@ class StoredModel:
             try:
                 self._folder = temporary_folder()
                 self.light = _spill(model, os.path.join(self._folder.name, DATA_NAME))
-            except OSError:  # no room: the model stays in memory, if one protobuf can hold it
+            except OSError as exc:  # no room: the model stays in memory, if one protobuf can hold it
                 self.close()
                 if self.needs_external_data():
-                    raise
+                    raise OnnxrepError(
+                        f"{tempfile.gettempdir()}: cannot store the model's {self.tensor_bytes / 2**30:.1f} GiB of "
+                        f"weights for onnxruntime ({os.strerror(exc.errno) if exc.errno else exc}); set TMPDIR to a "
+                        "folder with room") from None
                 self.light = model
         self._initializers = {t.name: t for t in self.light.graph.initializer}
 

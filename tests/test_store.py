@@ -146,7 +146,7 @@ def test_a_small_model_or_one_without_room_stays_in_memory(monkeypatch, temp_dir
     assert os.listdir(temp_dir) == []  # the folder made before the failure is gone
     # a model too large for one protobuf cannot be kept in memory for onnxruntime
     monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 1)
-    with pytest.raises(OSError):
+    with pytest.raises(onnxrep.OnnxrepError, match="No space left on device.*set TMPDIR"):
         StoredModel(model)
 
 
