@@ -288,3 +288,21 @@ def test_an_interrupted_run_leaves_no_temporary_files(spill_all, temp_dir, tmp_p
     assert len(seen[0]) == 2  # the reference values and the candidate were stored
     assert os.listdir(temp_dir) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "tmp"]
+
+
+def test_the_command_line_writes_external_data_from_a_store(spill_all, temp_dir, tmp_path):
+    """An input with external data gets an output with external data, written from the store:
+    the data file is the store's, copied, and the model refers to it under its own name."""
+    model = _model(blocks=3)
+    want, _ = onnxrep.optimize(model)
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=1024)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(src), "-o", str(out), "-q"]) == 0
+    data = modelio.data_files(str(out))
+    assert len(data) == 1 and os.path.basename(data[0]).startswith("out.onnx.")
+    loaded = onnx.load(str(out))
+    assert [t.name for t in loaded.graph.initializer] == [t.name for t in want.graph.initializer]
+    for a, b in zip(loaded.graph.initializer, want.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert os.listdir(temp_dir) == []
