@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import onnx
@@ -212,7 +213,14 @@ def session(model: onnx.ModelProto, options: ort.SessionOptions,
     caller as exceptions reduced to one readable line, at creation and from ``run`` alike (see
     :mod:`onnxrep.runtime`).
     """
-    return StoredModel(model).session(options, extra_outputs)
+    held = StoredModel(model)
+    try:
+        opened = held.session(options, extra_outputs)
+    except BaseException:
+        held.close()
+        raise
+    weakref.finalize(opened, held.close)  # the store made for this session goes with it
+    return opened
 
 
 def _memory_session(model: onnx.ModelProto, options, extra: bytes, providers) -> runtime.Session:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -737,6 +738,7 @@ class Verifier:
         try:
             if self._folder is None:
                 self._folder = store.temporary_folder()
+                weakref.finalize(self, self._folder.cleanup)  # removed with the verifier
             self._runs_on_disk += 1
             return _RunOnDisk(run, os.path.join(self._folder.name, f"run-{self._runs_on_disk}.bin"))
         except OSError:  # no room: kept in memory

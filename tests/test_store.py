@@ -306,3 +306,12 @@ def test_the_command_line_writes_external_data_from_a_store(spill_all, temp_dir,
     for a, b in zip(loaded.graph.initializer, want.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
     assert os.listdir(temp_dir) == []
+
+
+def test_a_session_onnxruntime_refuses_leaves_no_temporary_folder(spill_all, temp_dir):
+    model = _model()
+    model.graph.node[-1].op_type = "NoSuchOp"
+    with pytest.raises(Exception) as failure:
+        store.session(model, _opts())
+    # removed at once, not when the store is collected (the traceback still holds it here)
+    assert failure.value is not None and os.listdir(temp_dir) == []
