@@ -130,6 +130,7 @@ def test_a_variant_of_the_light_copy_runs_on_the_same_weights(spill_all):
 
 
 def test_a_small_model_or_one_without_room_stays_in_memory(monkeypatch, temp_dir):
+    monkeypatch.setattr(modelio, "FILE_SESSION_BYTES", 32 << 20)  # the default (see conftest.py)
     model = _model()
     assert not StoredModel(model).spilled  # below FILE_SESSION_BYTES
     monkeypatch.setattr(modelio, "FILE_SESSION_BYTES", 1)
