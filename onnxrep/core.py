@@ -235,18 +235,22 @@ def _locate(build, verifier: Verifier, deny, result: PassResult, check, label: s
     node = getattr(getattr(check, "first_divergence", None), "node", None)
     suspect = next((i for i in range(n - 1, -1, -1) if node in result.rewrites[i].created), None)
 
+    replays = {n: result}  # prefix -> its PassResult
+
     def passes(prefix: int) -> bool:
         """Whether the first ``prefix`` rewrites (those not denied) pass verification."""
-        with build(deny, prefix)[0] as model:
+        model, replays[prefix] = build(deny, prefix)
+        with model:
             return verifier.check(model).ok
 
     if suspect is not None and passes(suspect) and not passes(suspect + 1):
         return result.rewrites[suspect]
-    return _bisect(build, passes, deny, n, label)
+    return _bisect(passes, replays, n, label)
 
 
-def _bisect(build, passes, deny, n: int, label: str):
-    """The first rewrite whose prefix fails verification (prefix 0 must pass)."""
+def _bisect(passes, replays, n: int, label: str):
+    """The first rewrite whose prefix fails verification (prefix 0 must pass); ``replays``
+    holds the PassResult of every prefix ``passes`` built."""
     if not passes(0):
         raise VerificationError(f"{label}: the model differs from the original already after normalization")
     lo, hi = 0, n  # prefix lo passes, prefix hi fails
@@ -256,6 +260,4 @@ def _bisect(build, passes, deny, n: int, label: str):
             lo = mid
         else:
             hi = mid
-    model, result = build(deny, hi)
-    model.close()
-    return result.rewrites[hi - 1]
+    return replays[hi].rewrites[hi - 1]

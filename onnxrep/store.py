@@ -109,6 +109,13 @@ class StoredModel:
         return (self._folder is not None and t.data_location == onnx.TensorProto.EXTERNAL
                 and _external(t).get("location") == DATA_NAME)
 
+    def _whole(self, dst: onnx.TensorProto, light: onnx.TensorProto) -> None:
+        """The initializer ``light`` with its data, in ``dst``."""
+        if self._refers_to_data(light):
+            self._fill(dst, light)
+        else:
+            dst.CopyFrom(light)
+
     def _fill(self, dst: onnx.TensorProto, light: onnx.TensorProto) -> onnx.TensorProto:
         """``light``'s fields in ``dst``, with its data read from the data file."""
         for fd, value in light.ListFields():
@@ -164,10 +171,7 @@ class StoredModel:
         for t in self.light.graph.initializer:
             piece = onnx.ModelProto()
             dst = piece.graph.initializer.add()
-            if self._refers_to_data(t):
-                self._fill(dst, t)
-            else:
-                dst.CopyFrom(t)
+            self._whole(dst, t)
             data = piece.SerializeToString()
             del piece, dst
             yield data
@@ -195,11 +199,7 @@ class StoredModel:
             return self.light
         model = modelio.skeleton(self.light)
         for t in self.light.graph.initializer:
-            dst = model.graph.initializer.add()
-            if self._refers_to_data(t):
-                self._fill(dst, t)
-            else:
-                dst.CopyFrom(t)
+            self._whole(model.graph.initializer.add(), t)
         return model
 
 
